@@ -1,0 +1,323 @@
+"""The segment layout: the one definition shared by the Cython core, its
+pure-Python twin and the reader.
+
+A segment is one file per profiled process, mapped with ``mmap`` by the writer
+(the process itself) and by any number of readers (netprofd, the CLI, tests).
+Its size is fixed when it is created. All integers are little-endian.
+
+::
+
+    offset                 size                    what
+    0                      HEADER_SIZE (512)       header: magic, version, identity, sizes
+    CONTROL_OFFSET         CONTROL_SIZE (128)      control block, 16 u64 words
+    ROUTES_OFFSET          ROUTE_TABLE_HEADER +    route table: names of interned routes
+                           (cap+1) * ROUTE_NAME_SIZE
+    layout.live_offset     layout.stats_size       live statistics (written per record)
+    layout.published_offset layout.stats_size      published copy of the statistics
+    layout.ring_offset     ring_capacity * 64      ring of request records
+
+Statistics area (u64 words, ``stats_size`` bytes)::
+
+    GLOBAL_WORDS words     seq, global counters (see G_*)
+    HIST_BUCKETS words     the recorder's own overhead histogram (ns)
+    (cap+1) route blocks   ROUTE_HEADER_WORDS counters (see R_*) + HIST_BUCKETS buckets
+
+Route id 0 is the overflow route: requests of routes interned after the route
+table was full are counted there.
+
+Ring record (RECORD_WORDS u64 words)::
+
+    0 seq        2*index+1 while being written, 2*index+2 when complete
+    1 wall_ns    wall-clock end time
+    2 duration_ns
+    3 bytes_in
+    4 bytes_out
+    5 ttfb_ns    time to first byte (0 when unknown)
+    6 packed     route_id | status << 32 | error_kind << 48 | flags << 56
+    7 reserved
+
+Concurrency. There is exactly one writer per segment: the process that made it.
+(Within that process the Cython core runs a record without releasing the GIL;
+the pure-Python twin takes a lock.) The writer never waits for a reader:
+
+* The live statistics are guarded by a sequence counter (``G_SEQ``): odd while
+  a record is being applied. A reader copies the area between two reads of the
+  counter and retries when they differ.
+* A writer recording at full speed would keep that copy from ever succeeding,
+  so a reader may also raise ``C_PUBLISH_REQUEST``; on its next record the
+  writer copies the live area (only the route blocks changed since its last
+  copy) into the published area, under the published area's own counter, and
+  stores the request in ``G_PUBLISH_ACK`` of the published copy.
+* Each ring record carries its own sequence word; a slot is written once per
+  pass of the ring, so a reader validates each record on its own.
+* The control block is written by readers (the daemon, the CLI) and read by the
+  writer on every record; its words are independent settings, each written with
+  one aligned 8-byte store. ``C_CONSECUTIVE_ERRORS`` and ``C_AUTO_DISABLED`` are
+  written by both sides; they are gauges, not counters, so a lost update there
+  is harmless.
+* The route table is written only by the writer's interning call: an entry is
+  complete before the count that makes it visible is raised.
+
+These rules assume stores become visible in program order (x86-64); the Cython
+core adds release fences so that they also hold on weaker architectures.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+MAGIC: Final = b"NETPROF1"
+LAYOUT_VERSION: Final = 1
+SEGMENT_SUFFIX: Final = ".npseg"
+# A running netprofd holds an exclusive flock on this file in the segment directory.
+DAEMON_LOCK_NAME: Final = "netprofd.lock"
+
+WORD: Final = 8
+
+# --- header ---------------------------------------------------------------
+HEADER_SIZE: Final = 512
+_HEADER_SPEC: Final = (
+    ("magic", "8s"),
+    ("layout_version", "I"),
+    ("header_size", "I"),
+    ("total_size", "Q"),
+    ("pid", "Q"),
+    ("start_ticks", "Q"),  # the process start time from /proc: with pid, its identity
+    ("created_ns", "Q"),  # wall clock
+    ("mono_offset_ns", "q"),  # wall clock minus monotonic clock at creation
+    ("ring_capacity", "I"),
+    ("route_capacity", "I"),  # interned routes; the overflow route comes in addition
+    ("requested_ring_capacity", "I"),  # from the config, before the memory bound
+    ("requested_route_capacity", "I"),
+    ("hist_buckets", "I"),
+    ("memory_shrinks", "I"),  # how many times the memory bound shrank the request
+    ("app_name", "64s"),  # utf-8, NUL-padded
+)
+HEADER_STRUCT: Final = struct.Struct("<" + "".join(fmt for _, fmt in _HEADER_SPEC))
+HEADER_FIELDS: Final = tuple(name for name, _ in _HEADER_SPEC)
+HEADER_OFFSETS: Final = {
+    name: struct.calcsize("<" + "".join(fmt for _, fmt in _HEADER_SPEC[:i]))
+    for i, (name, _) in enumerate(_HEADER_SPEC)
+}
+
+
+def read_header_field(buf: object, name: str) -> int:
+    fmt = dict(_HEADER_SPEC)[name]
+    return struct.unpack_from("<" + fmt, buf, HEADER_OFFSETS[name])[0]  # type: ignore[arg-type,no-any-return]
+
+
+# closed_ns is written once, when the process ends, after the header was made.
+CLOSED_NS_OFFSET: Final = HEADER_STRUCT.size + (-HEADER_STRUCT.size % WORD)
+APP_NAME_MAX: Final = 64
+
+# --- control block (u64 words, index from CONTROL_OFFSET) -----------------
+CONTROL_OFFSET: Final = HEADER_SIZE
+CONTROL_WORDS: Final = 16
+CONTROL_SIZE: Final = CONTROL_WORDS * WORD
+C_ENABLED: Final = 0
+C_FEATURE_FLAG: Final = 1
+C_AUTO_DISABLED: Final = 2
+C_LOG_SLOW: Final = 3
+C_PERF_MONITORING: Final = 4
+C_AUTO_DISABLE_ON_ERROR: Final = 5
+C_GRACEFUL: Final = 6
+C_SAMPLE_THRESHOLD: Final = 7  # sample_rate * 2**32; >= 2**32 records everything
+C_SLOW_NS: Final = 8
+C_RING_CAPACITY: Final = 9  # effective ring capacity, <= header ring_capacity
+C_RETENTION_NS: Final = 10  # 0: no age limit on served records
+C_CLEAN_FLOOR: Final = 11  # records with an index below this are dropped
+C_PUBLISH_REQUEST: Final = 12
+C_CONSECUTIVE_ERRORS: Final = 13
+SAMPLE_ALL: Final = 1 << 32
+
+# --- route table ------------------------------------------------------------
+ROUTES_OFFSET: Final = CONTROL_OFFSET + CONTROL_SIZE
+ROUTE_TABLE_HEADER: Final = 64
+ROUTE_TABLE_STRUCT: Final = struct.Struct("<QQ")  # route_count, overflowed (route keys sent to overflow)
+ROUTE_NAME_SIZE: Final = 128
+ROUTE_NAME_STRUCT: Final = struct.Struct("<B3x12s112s")  # direction, method, template
+OVERFLOW_ROUTE_ID: Final = 0
+OVERFLOW_TEMPLATE: Final = "<other>"
+
+
+class Direction(IntEnum):
+    INBOUND = 0
+    OUTBOUND = 1
+
+
+class ErrorKind(IntEnum):
+    """Why a request failed, as recorded in the ring and counted per route."""
+
+    NONE = 0
+    EXCEPTION = 1
+    CLIENT_DISCONNECT = 2
+    TIMEOUT = 3
+    CONNECTION_REFUSED = 4
+    DNS = 5
+    CONNECTION = 6
+    OTHER = 7
+
+
+ERROR_KINDS: Final = 8
+
+# --- histogram --------------------------------------------------------------
+# Log-linear buckets over durations in ns, in the manner of HdrHistogram: below
+# 2**HIST_LINEAR_BITS ns, HIST_LINEAR_BUCKETS equal buckets; above, each power
+# of two is split into 2**HIST_SUB_BITS equal buckets, so a bucket is at most
+# 1/64 of its lower bound wide and its midpoint is within 0.8 % of any value
+# in it from 1 µs to 2**42 ns (about 73 minutes). Larger values share the last bucket.
+HIST_SUB_BITS: Final = 6
+HIST_LINEAR_BITS: Final = 10
+HIST_MAX_BITS: Final = 42
+HIST_LINEAR_BUCKETS: Final = 1 << (HIST_LINEAR_BITS - HIST_SUB_BITS)
+HIST_BUCKETS: Final = HIST_LINEAR_BUCKETS + ((HIST_MAX_BITS - HIST_LINEAR_BITS) << HIST_SUB_BITS)
+
+
+def bucket_index(duration_ns: int) -> int:
+    """The histogram bucket of a duration (ns, >= 0)."""
+    if duration_ns < 1 << HIST_LINEAR_BITS:
+        return duration_ns >> HIST_SUB_BITS
+    top = duration_ns.bit_length() - 1
+    if top >= HIST_MAX_BITS:
+        return HIST_BUCKETS - 1
+    return (
+        HIST_LINEAR_BUCKETS
+        + ((top - HIST_LINEAR_BITS) << HIST_SUB_BITS)
+        + ((duration_ns >> (top - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1))
+    )
+
+
+def bucket_bounds(index: int) -> tuple[int, int]:
+    """The durations (ns) a bucket holds: lower bound inclusive, upper exclusive."""
+    if index < HIST_LINEAR_BUCKETS:
+        width = 1 << HIST_SUB_BITS
+        return index * width, (index + 1) * width
+    octave, sub = divmod(index - HIST_LINEAR_BUCKETS, 1 << HIST_SUB_BITS)
+    top = octave + HIST_LINEAR_BITS
+    width = 1 << (top - HIST_SUB_BITS)
+    lower = (1 << top) + sub * width
+    return lower, lower + width
+
+
+# --- statistics area (u64 word indexes) ------------------------------------
+G_SEQ: Final = 0
+G_SAMPLED_OUT: Final = 1  # requests left out by the sample rate
+G_DISABLED_CALLS: Final = 2  # requests seen while profiling was off
+G_INTERNAL_ERRORS: Final = 3
+G_AUTO_DISABLE_EVENTS: Final = 4
+G_NEXT_INDEX: Final = 5  # records ever written to the ring == requests recorded
+G_RING_CURSOR: Final = 6  # the slot the next record goes to
+G_OVERHEAD_COUNT: Final = 7  # records whose own cost was timed
+G_OVERHEAD_SUM_NS: Final = 8
+G_OVERHEAD_MAX_NS: Final = 9
+G_PUBLISH_ACK: Final = 10  # meaningful in the published copy: the request it answers
+GLOBAL_WORDS: Final = 16
+OVERHEAD_HIST: Final = GLOBAL_WORDS
+
+R_COUNT: Final = 0
+R_ERRORS: Final = 1  # error kind set, or status >= 500
+R_SLOW: Final = 2
+R_SUM_NS: Final = 3
+R_MAX_NS: Final = 4
+R_BYTES_IN: Final = 5
+R_BYTES_OUT: Final = 6
+R_TTFB_SUM_NS: Final = 7
+R_STATUS_CLASSES: Final = 8  # 6 words: no status, 1xx, 2xx, 3xx, 4xx, 5xx
+R_ERROR_KINDS: Final = 14  # ERROR_KINDS words, by ErrorKind
+ROUTE_HEADER_WORDS: Final = 32
+ROUTE_BLOCK_WORDS: Final = ROUTE_HEADER_WORDS + HIST_BUCKETS
+STATUS_CLASSES: Final = 6
+
+# --- ring --------------------------------------------------------------------
+RECORD_WORDS: Final = 8
+RECORD_SIZE: Final = RECORD_WORDS * WORD
+REC_SEQ, REC_WALL_NS, REC_DURATION_NS, REC_BYTES_IN, REC_BYTES_OUT, REC_TTFB_NS, REC_PACKED = range(7)
+FLAG_SLOW: Final = 1
+FLAG_ERROR: Final = 2
+
+
+def pack_record_word(route_id: int, status: int, error_kind: int, flags: int) -> int:
+    return route_id | status << 32 | error_kind << 48 | flags << 56
+
+
+def unpack_record_word(packed: int) -> tuple[int, int, int, int]:
+    return packed & 0xFFFFFFFF, (packed >> 32) & 0xFFFF, (packed >> 48) & 0xFF, packed >> 56
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentLayout:
+    """Offsets and sizes of one segment, computed from its two capacities."""
+
+    ring_capacity: int
+    route_capacity: int
+
+    @property
+    def route_slots(self) -> int:
+        return self.route_capacity + 1
+
+    @property
+    def route_table_size(self) -> int:
+        return ROUTE_TABLE_HEADER + self.route_slots * ROUTE_NAME_SIZE
+
+    @property
+    def stats_words(self) -> int:
+        return GLOBAL_WORDS + HIST_BUCKETS + self.route_slots * ROUTE_BLOCK_WORDS
+
+    @property
+    def stats_size(self) -> int:
+        return self.stats_words * WORD
+
+    @property
+    def live_offset(self) -> int:
+        return _align(ROUTES_OFFSET + self.route_table_size, 64)
+
+    @property
+    def published_offset(self) -> int:
+        return self.live_offset + self.stats_size
+
+    @property
+    def ring_offset(self) -> int:
+        return self.published_offset + self.stats_size
+
+    @property
+    def total_size(self) -> int:
+        return self.ring_offset + self.ring_capacity * RECORD_SIZE
+
+    def route_block(self, route_id: int) -> int:
+        """Word index, within a statistics area, of a route's block."""
+        return GLOBAL_WORDS + HIST_BUCKETS + route_id * ROUTE_BLOCK_WORDS
+
+    def route_name_offset(self, route_id: int) -> int:
+        return ROUTES_OFFSET + ROUTE_TABLE_HEADER + route_id * ROUTE_NAME_SIZE
+
+    @classmethod
+    def fitting(
+        cls, ring_capacity: int, route_capacity: int, max_bytes: int
+    ) -> tuple[SegmentLayout, int]:
+        """The largest layout within ``max_bytes``: the ring shrinks first, then
+        the route table. Returns it with the number of shrinks applied (0 or 1)."""
+        wanted = cls(ring_capacity, route_capacity)
+        if wanted.total_size <= max_bytes:
+            return wanted, 0
+        without_ring = cls(0, route_capacity).total_size
+        if without_ring + MIN_RING_CAPACITY * RECORD_SIZE <= max_bytes:
+            ring = min(ring_capacity, (max_bytes - without_ring) // RECORD_SIZE)
+            return cls(ring, route_capacity), 1
+        ring = min(ring_capacity, MIN_RING_CAPACITY)
+        for routes in range(route_capacity - 1, 0, -1):
+            if cls(ring, routes).total_size <= max_bytes:
+                return cls(ring, routes), 1
+        raise ValueError(
+            f"max_memory_mb allows {max_bytes} bytes, below the smallest possible "
+            f"segment ({cls(ring, 1).total_size} bytes): raise max_memory_mb"
+        )
+
+
+MIN_RING_CAPACITY: Final = 16
+
+
+def _align(value: int, to: int) -> int:
+    return value + (-value % to)

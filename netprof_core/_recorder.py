@@ -1,0 +1,41 @@
+"""Selects the recorder core: the Cython extension, or its pure-Python twin
+when ``NETPROF_NO_EXTENSIONS`` is set, off CPython, or when asked by name."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+NO_EXTENSIONS = bool(os.environ.get("NETPROF_NO_EXTENSIONS")) or platform.python_implementation() != "CPython"
+
+if TYPE_CHECKING:
+    from ._recorder_py import RecorderCore as RecorderCore
+else:
+    if NO_EXTENSIONS or sys.byteorder != "little":
+        from ._recorder_py import RecorderCore
+    else:
+        try:
+            from ._recorder_c import RecorderCore
+        except ImportError:  # the build is made to fail loudly; this is an editable tree
+            from ._recorder_py import RecorderCore
+
+IMPLEMENTATION = "cython" if RecorderCore.__module__.endswith("_recorder_c") else "python"
+
+IMPLEMENTATIONS = ("cython", "python")
+
+
+def core_module(implementation: str | None = None) -> ModuleType:
+    """The module of the named core ("cython" or "python"), or of the live one."""
+    name = implementation or IMPLEMENTATION
+    if name == "python":
+        from . import _recorder_py
+
+        return _recorder_py
+    if name == "cython":
+        from . import _recorder_c  # type: ignore[attr-defined]
+
+        return _recorder_c  # type: ignore[no-any-return]
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")

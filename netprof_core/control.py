@@ -1,0 +1,168 @@
+"""The control block: run-time settings a recorder obeys, written by the
+process itself, by netprofd or by the CLI."""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from . import _layout as L
+from .config import ProfilingConfig
+from .segment import SegmentHeader, map_segment
+
+__all__ = ("ControlState", "SegmentControl", "initial_control")
+
+_U64 = struct.Struct("<Q")
+_CONTROL = struct.Struct(f"<{L.CONTROL_WORDS}Q")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlState:
+    enabled: bool
+    feature_flag_enabled: bool
+    auto_disabled: bool
+    log_slow_requests: bool
+    performance_monitoring: bool
+    auto_disable_on_error: bool
+    graceful_degradation: bool
+    sample_rate: float
+    slow_request_threshold: float  # seconds
+    ring_capacity: int
+    retention_seconds: float  # 0: no age limit
+    clean_floor: int
+    consecutive_errors: int
+
+    @property
+    def recording(self) -> bool:
+        """Whether requests are being recorded (before sampling)."""
+        return self.enabled and self.feature_flag_enabled and not self.auto_disabled
+
+    @classmethod
+    def from_buffer(cls, buf: object) -> ControlState:
+        w = _CONTROL.unpack_from(buf, L.CONTROL_OFFSET)  # type: ignore[arg-type]
+        return cls(
+            enabled=bool(w[L.C_ENABLED]),
+            feature_flag_enabled=bool(w[L.C_FEATURE_FLAG]),
+            auto_disabled=bool(w[L.C_AUTO_DISABLED]),
+            log_slow_requests=bool(w[L.C_LOG_SLOW]),
+            performance_monitoring=bool(w[L.C_PERF_MONITORING]),
+            auto_disable_on_error=bool(w[L.C_AUTO_DISABLE_ON_ERROR]),
+            graceful_degradation=bool(w[L.C_GRACEFUL]),
+            sample_rate=min(w[L.C_SAMPLE_THRESHOLD], L.SAMPLE_ALL) / L.SAMPLE_ALL,
+            slow_request_threshold=w[L.C_SLOW_NS] / 1e9,
+            ring_capacity=w[L.C_RING_CAPACITY],
+            retention_seconds=w[L.C_RETENTION_NS] / 1e9,
+            clean_floor=w[L.C_CLEAN_FLOOR],
+            consecutive_errors=w[L.C_CONSECUTIVE_ERRORS],
+        )
+
+
+def _sample_threshold(rate: float) -> int:
+    return L.SAMPLE_ALL if rate >= 1.0 else round(rate * L.SAMPLE_ALL)
+
+
+def initial_control(config: ProfilingConfig, ring_capacity: int) -> dict[int, int]:
+    """The control words of a new segment, from the configuration."""
+    return {
+        L.C_ENABLED: int(config.enabled),
+        L.C_FEATURE_FLAG: int(config.feature_flag_enabled),
+        L.C_LOG_SLOW: int(config.log_slow_requests),
+        L.C_PERF_MONITORING: int(config.performance_monitoring),
+        L.C_AUTO_DISABLE_ON_ERROR: int(config.auto_disable_on_error),
+        L.C_GRACEFUL: int(config.graceful_degradation),
+        L.C_SAMPLE_THRESHOLD: _sample_threshold(config.sample_rate),
+        L.C_SLOW_NS: round(config.slow_request_threshold * 1e9),
+        L.C_RING_CAPACITY: ring_capacity,
+        L.C_RETENTION_NS: round(config.retention_hours * 3600e9),
+    }
+
+
+class SegmentControl:
+    """Writes one segment's control block. Every setter is one aligned 8-byte
+    store, which the recorder picks up on its next request."""
+
+    def __init__(self, buf: mmap.mmap, header: SegmentHeader) -> None:
+        self._buf = buf
+        self.header = header
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SegmentControl:
+        buf, header = map_segment(path, writable=True)
+        return cls(buf, header)
+
+    def close(self) -> None:
+        self._buf.close()
+
+    def __enter__(self) -> SegmentControl:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _set(self, word: int, value: int) -> None:
+        _U64.pack_into(self._buf, L.CONTROL_OFFSET + word * L.WORD, value)
+
+    def _get(self, word: int) -> int:
+        return _U64.unpack_from(self._buf, L.CONTROL_OFFSET + word * L.WORD)[0]  # type: ignore[no-any-return]
+
+    def state(self) -> ControlState:
+        return ControlState.from_buffer(self._buf)
+
+    def enable(self) -> None:
+        """Turn recording on; this also lifts an auto-disable."""
+        self.reset_errors()
+        self._set(L.C_ENABLED, 1)
+
+    def disable(self) -> None:
+        self._set(L.C_ENABLED, 0)
+
+    def set_feature_flag(self, on: bool) -> None:
+        self._set(L.C_FEATURE_FLAG, int(on))
+
+    def set_log_slow_requests(self, on: bool) -> None:
+        self._set(L.C_LOG_SLOW, int(on))
+
+    def set_performance_monitoring(self, on: bool) -> None:
+        self._set(L.C_PERF_MONITORING, int(on))
+
+    def set_sample_rate(self, rate: float) -> None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"sample_rate must be a number from 0 to 1, got {rate!r}")
+        self._set(L.C_SAMPLE_THRESHOLD, _sample_threshold(rate))
+
+    def set_slow_request_threshold(self, seconds: float) -> None:
+        if not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
+            raise ValueError(f"slow_request_threshold must be more than 0 and at most 3600 seconds, got {seconds!r}")
+        self._set(L.C_SLOW_NS, round(seconds * 1e9))
+
+    def set_retention(self, max_age_seconds: float) -> None:
+        """Serve no record older than this (0: no limit)."""
+        if not isinstance(max_age_seconds, (int, float)) or not math.isfinite(max_age_seconds) or max_age_seconds < 0:
+            raise ValueError(f"retention must be a finite number of seconds >= 0, got {max_age_seconds!r}")
+        self._set(L.C_RETENTION_NS, round(max_age_seconds * 1e9))
+
+    def set_ring_capacity(self, capacity: int) -> None:
+        """Keep at most ``capacity`` records, up to the size the segment was made with."""
+        limit = self.header.ring_capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= limit:
+            raise ValueError(f"ring capacity must be an integer from 1 to {limit} (this segment's size), got {capacity!r}")
+        self._set(L.C_RING_CAPACITY, capacity)
+
+    def cleanup(self) -> None:
+        """Drop the stored records; counters and histograms stay."""
+        (next_index,) = _U64.unpack_from(self._buf, self.header.layout.live_offset + L.G_NEXT_INDEX * L.WORD)
+        self._set(L.C_CLEAN_FLOOR, next_index)
+
+    def reset_errors(self) -> None:
+        """Clear the consecutive-error count and the auto-disabled state."""
+        self._set(L.C_CONSECUTIVE_ERRORS, 0)
+        self._set(L.C_AUTO_DISABLED, 0)
+
+    def request_publish(self) -> int:
+        """Ask the writer to copy its statistics to the published area; returns the request."""
+        request = self._get(L.C_PUBLISH_REQUEST) + 1
+        self._set(L.C_PUBLISH_REQUEST, request)
+        return request

@@ -1,0 +1,106 @@
+"""Latency histograms as read from segments: quantiles, exact merging, deltas."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Iterable, Iterator
+
+from ._layout import HIST_BUCKETS, bucket_bounds, bucket_index
+
+__all__ = ("Histogram",)
+
+
+class Histogram:
+    """Counts of durations (ns) in the segment's log-linear buckets.
+
+    Histograms of the same route from many processes merge exactly by adding
+    bucket counts; a quantile is the midpoint of the bucket holding it (within
+    0.8 % of the true value from 1 µs to 73 minutes), never above ``max_ns``.
+    """
+
+    __slots__ = ("counts", "max_ns")
+
+    def __init__(self, counts: Iterable[int] | None = None, max_ns: int = 0) -> None:
+        self.counts = array("Q", bytes(8 * HIST_BUCKETS) if counts is None else counts)
+        if len(self.counts) != HIST_BUCKETS:
+            raise ValueError(f"a histogram has {HIST_BUCKETS} buckets, got {len(self.counts)}")
+        self.max_ns = max_ns
+
+    @classmethod
+    def from_durations(cls, durations_ns: Iterable[int]) -> Histogram:
+        hist = cls()
+        for duration in durations_ns:
+            hist.counts[bucket_index(duration)] += 1
+            hist.max_ns = max(hist.max_ns, duration)
+        return hist
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def __repr__(self) -> str:
+        return f"Histogram(count={self.count}, max_ns={self.max_ns})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Histogram):
+            return NotImplemented
+        return self.counts == other.counts and self.max_ns == other.max_ns
+
+    def __add__(self, other: Histogram) -> Histogram:
+        merged = Histogram(self.counts, max(self.max_ns, other.max_ns))
+        merged += other
+        return merged
+
+    def __iadd__(self, other: Histogram) -> Histogram:
+        counts = self.counts
+        for index, count in other.nonzero():
+            counts[index] += count
+        self.max_ns = max(self.max_ns, other.max_ns)
+        return self
+
+    def __sub__(self, earlier: Histogram) -> Histogram:
+        """What was recorded since ``earlier`` (a former state of the same
+        cumulative histogram). The maximum of the interval is not known; the
+        later one is kept as an upper bound."""
+        diff = Histogram(max_ns=self.max_ns)
+        for index, (now, then) in enumerate(zip(self.counts, earlier.counts)):
+            if now < then:
+                raise ValueError("cannot subtract a histogram that is not an earlier state")
+            diff.counts[index] = now - then
+        return diff
+
+    def nonzero(self) -> Iterator[tuple[int, int]]:
+        for index, count in enumerate(self.counts):
+            if count:
+                yield index, count
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0 <= q <= 1) in ns by the nearest-rank method; NaN when empty."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be within 0 and 1, got {q!r}")
+        total = self.count
+        if total == 0:
+            return math.nan
+        rank = max(1, math.ceil(q * total))
+        seen = 0
+        for index, count in self.nonzero():
+            seen += count
+            if seen >= rank:
+                lower, upper = bucket_bounds(index)
+                estimate = (lower + upper) / 2
+                return min(estimate, float(self.max_ns)) if self.max_ns else estimate
+        raise AssertionError("unreachable: rank is at most the total count")
+
+    def cumulative_counts(self, bounds_ns: Iterable[float]) -> list[int]:
+        """How many durations fall at or below each bound, for exposition with
+        coarser (Prometheus) buckets; a bucket counts below a bound when its midpoint does."""
+        limits = list(bounds_ns)
+        result = [0] * len(limits)
+        for index, count in self.nonzero():
+            lower, upper = bucket_bounds(index)
+            midpoint = (lower + upper) / 2
+            for position, limit in enumerate(limits):
+                if midpoint <= limit:
+                    result[position] += count
+        return result

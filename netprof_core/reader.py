@@ -1,0 +1,358 @@
+"""Reading segments: consistent snapshots of one process, merged across many.
+
+A snapshot never holds a torn record, and its histograms always agree with its
+counters: the statistics come from one copy taken between two equal, even
+reads of a sequence counter (see ``_layout``), and each record is validated by
+its own sequence word.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from . import _layout as L
+from .control import ControlState, SegmentControl
+from .histogram import Histogram
+from .segment import SegmentError, SegmentHeader, map_segment, process_alive, segment_paths
+from .log import segment_logger
+
+__all__ = (
+    "Counters",
+    "RequestRecord",
+    "RouteKey",
+    "RouteStats",
+    "SegmentBusy",
+    "SegmentReader",
+    "SegmentSnapshot",
+    "merge_routes",
+    "read_segment",
+    "read_segments",
+)
+
+LIVE_ATTEMPTS = 3
+RING_CHUNK_SLOTS = 4096
+
+
+class SegmentBusy(SegmentError):
+    """No consistent copy could be had in time: the writer neither paused nor published."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RouteKey:
+    direction: L.Direction
+    method: str
+    template: str
+
+    def __str__(self) -> str:
+        arrow = "->" if self.direction == L.Direction.OUTBOUND else "<-"
+        return f"{arrow} {self.method} {self.template}".replace("  ", " ")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStats:
+    key: RouteKey
+    count: int
+    errors: int
+    slow: int
+    sum_ns: int
+    max_ns: int
+    bytes_in: int
+    bytes_out: int
+    ttfb_sum_ns: int
+    status_classes: tuple[int, ...]  # no status, 1xx, 2xx, 3xx, 4xx, 5xx
+    error_kinds: tuple[int, ...]  # by ErrorKind
+    histogram: Histogram = field(compare=False)
+
+    @property
+    def mean_ns(self) -> float:
+        return self.sum_ns / self.count if self.count else 0.0
+
+    def __add__(self, other: RouteStats) -> RouteStats:
+        return RouteStats(
+            key=self.key,
+            count=self.count + other.count,
+            errors=self.errors + other.errors,
+            slow=self.slow + other.slow,
+            sum_ns=self.sum_ns + other.sum_ns,
+            max_ns=max(self.max_ns, other.max_ns),
+            bytes_in=self.bytes_in + other.bytes_in,
+            bytes_out=self.bytes_out + other.bytes_out,
+            ttfb_sum_ns=self.ttfb_sum_ns + other.ttfb_sum_ns,
+            status_classes=tuple(a + b for a, b in zip(self.status_classes, other.status_classes)),
+            error_kinds=tuple(a + b for a, b in zip(self.error_kinds, other.error_kinds)),
+            histogram=self.histogram + other.histogram,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    index: int
+    wall_ns: int
+    duration_ns: int
+    route: RouteKey
+    route_id: int
+    status: int
+    error_kind: L.ErrorKind
+    bytes_in: int
+    bytes_out: int
+    ttfb_ns: int
+    slow: bool
+    error: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    requests: int  # recorded
+    sampled_out: int
+    disabled_calls: int
+    internal_errors: int
+    auto_disable_events: int
+    overflowed_routes: int
+    overhead_count: int
+    overhead_sum_ns: int
+    overhead_max_ns: int
+    overhead_histogram: Histogram = field(compare=False)
+
+    @property
+    def overhead_mean_ns(self) -> float:
+        return self.overhead_sum_ns / self.overhead_count if self.overhead_count else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSnapshot:
+    path: str
+    header: SegmentHeader
+    control: ControlState
+    counters: Counters
+    routes: tuple[RouteStats, ...]
+    records: tuple[RequestRecord, ...]  # oldest first
+    taken_ns: int
+    source: str  # "live", "published", or "final" (the writer is gone)
+
+    @property
+    def app_name(self) -> str:
+        return self.header.app_name
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.header.total_size
+
+
+class SegmentReader:
+    """Snapshots one segment, keeping it mapped between snapshots.
+
+    Maps the file writable when it may, so that it can ask a busy writer to
+    publish; read-only otherwise (then a busy writer is waited out).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, mapped: tuple[mmap.mmap, SegmentHeader] | None = None
+    ) -> None:
+        """``mapped``: a buffer and header the caller already holds (and closes)."""
+        self.path = os.fspath(path)
+        if mapped is not None:
+            self._buf, self.header = mapped
+            self._control = SegmentControl(self._buf, self.header)
+        else:
+            self._map(path)
+        self.layout = self.header.layout
+
+    def _map(self, path: str | os.PathLike[str]) -> None:
+        try:
+            self._buf, self.header = map_segment(path, writable=True)
+            self._control: SegmentControl | None = SegmentControl(self._buf, self.header)
+        except SegmentError as exc:
+            if "cannot open" not in exc.reason:
+                raise
+            self._buf, self.header = map_segment(path)
+            self._control = None
+
+    def close(self) -> None:
+        self._buf.close()
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def snapshot(self, *, records: bool = True, timeout: float = 1.0, now_ns: int | None = None) -> SegmentSnapshot:
+        stats, source = self._consistent_stats(timeout)
+        words = memoryview(stats).cast("Q")
+        buf = self._buf
+        header = self.header
+        closed_ns = L.struct.unpack_from("<Q", buf, L.CLOSED_NS_OFFSET)[0]
+        if closed_ns != header.closed_ns:
+            header = replace(header, closed_ns=closed_ns)
+        control = ControlState.from_buffer(buf)
+        # Read the route table after the statistics: a route that has counts was
+        # interned before them, so its name is there.
+        route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
+        keys = [self._route_key(route_id) for route_id in range(min(route_count, self.layout.route_slots))]
+        routes = tuple(
+            _route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys)
+        )
+        counters = Counters(
+            requests=words[L.G_NEXT_INDEX],
+            sampled_out=words[L.G_SAMPLED_OUT],
+            disabled_calls=words[L.G_DISABLED_CALLS],
+            internal_errors=words[L.G_INTERNAL_ERRORS],
+            auto_disable_events=words[L.G_AUTO_DISABLE_EVENTS],
+            overflowed_routes=overflowed,
+            overhead_count=words[L.G_OVERHEAD_COUNT],
+            overhead_sum_ns=words[L.G_OVERHEAD_SUM_NS],
+            overhead_max_ns=words[L.G_OVERHEAD_MAX_NS],
+            overhead_histogram=Histogram(
+                words[L.OVERHEAD_HIST : L.OVERHEAD_HIST + L.HIST_BUCKETS], words[L.G_OVERHEAD_MAX_NS]
+            ),
+        )
+        now = time.time_ns() if now_ns is None else now_ns
+        found = self._records(words[L.G_NEXT_INDEX], control, keys, now) if records else ()
+        return SegmentSnapshot(self.path, header, control, counters, routes, found, now, source)
+
+    def _route_key(self, route_id: int) -> RouteKey:
+        direction, method, template = L.ROUTE_NAME_STRUCT.unpack_from(
+            self._buf, self.layout.route_name_offset(route_id)
+        )
+        return RouteKey(
+            L.Direction(direction),
+            method.rstrip(b"\0").decode("utf-8", "replace"),
+            template.rstrip(b"\0").decode("utf-8", "replace"),
+        )
+
+    def _copy_stats(self, offset: int) -> bytes | None:
+        """The statistics area at ``offset`` if it was not written during the copy."""
+        seq_before = self._word(offset)
+        if seq_before & 1:
+            return None
+        data = self._buf[offset : offset + self.layout.stats_size]
+        return data if self._word(offset) == seq_before else None
+
+    def _word(self, offset: int) -> int:
+        return L.struct.unpack_from("<Q", self._buf, offset)[0]  # type: ignore[no-any-return]
+
+    def _consistent_stats(self, timeout: float) -> tuple[bytes, str]:
+        live = self.layout.live_offset
+        for _ in range(LIVE_ATTEMPTS):
+            data = self._copy_stats(live)
+            if data is not None:
+                return data, "live"
+        if not process_alive(self.header.pid, self.header.start_ticks):
+            # The writer died, perhaps inside a record: take what it left.
+            return self._buf[live : live + self.layout.stats_size], "final"
+        deadline = time.monotonic() + timeout
+        request = self._control.request_publish() if self._control is not None else None
+        published = self.layout.published_offset
+        pause = 20e-6
+        while time.monotonic() < deadline:
+            if request is not None and self._word(published + L.G_PUBLISH_ACK * L.WORD) >= request:
+                data = self._copy_stats(published)
+                if data is not None:
+                    return data, "published"
+            data = self._copy_stats(live)
+            if data is not None:
+                return data, "live"
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        raise SegmentBusy(self.path, f"no consistent copy within {timeout} s (writer busy)")
+
+    def _records(
+        self, next_index: int, control: ControlState, keys: list[RouteKey], now_ns: int
+    ) -> tuple[RequestRecord, ...]:
+        """The ring's complete records counted in this snapshot, oldest first."""
+        lowest = max(next_index - control.ring_capacity, control.clean_floor, 0)
+        oldest_wall = now_ns - int(control.retention_seconds * 1e9) if control.retention_seconds else 0
+        found = []
+        base = self.layout.ring_offset
+        for first in range(0, self.layout.ring_capacity, RING_CHUNK_SLOTS):
+            slots = min(RING_CHUNK_SLOTS, self.layout.ring_capacity - first)
+            start, end = base + first * L.RECORD_SIZE, base + (first + slots) * L.RECORD_SIZE
+            # Sequence words before, the records, sequence words after: a record
+            # is whole if its sequence word was even and the same both times.
+            before = memoryview(self._buf[start:end]).cast("Q")
+            data = memoryview(self._buf[start:end]).cast("Q")
+            after = memoryview(self._buf[start:end]).cast("Q")
+            for at in range(0, slots * L.RECORD_WORDS, L.RECORD_WORDS):
+                seq = before[at]
+                if seq == 0 or seq & 1 or after[at] != seq or data[at] != seq:
+                    continue
+                index = seq // 2 - 1
+                if not lowest <= index < next_index:
+                    continue
+                wall_ns = data[at + L.REC_WALL_NS]
+                if wall_ns < oldest_wall:
+                    continue
+                route_id, status, error_kind, flags = L.unpack_record_word(data[at + L.REC_PACKED])
+                found.append(
+                    RequestRecord(
+                        index=index,
+                        wall_ns=wall_ns,
+                        duration_ns=data[at + L.REC_DURATION_NS],
+                        route=keys[route_id] if route_id < len(keys) else keys[L.OVERFLOW_ROUTE_ID],
+                        route_id=route_id,
+                        status=status,
+                        error_kind=L.ErrorKind(error_kind) if error_kind < L.ERROR_KINDS else L.ErrorKind.OTHER,
+                        bytes_in=data[at + L.REC_BYTES_IN],
+                        bytes_out=data[at + L.REC_BYTES_OUT],
+                        ttfb_ns=data[at + L.REC_TTFB_NS],
+                        slow=bool(flags & L.FLAG_SLOW),
+                        error=bool(flags & L.FLAG_ERROR),
+                    )
+                )
+        found.sort(key=lambda record: record.index)
+        return tuple(found)
+
+
+def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key: RouteKey) -> RouteStats:
+    r = layout.route_block(route_id)
+    hist_start = r + L.ROUTE_HEADER_WORDS
+    return RouteStats(
+        key=key,
+        count=words[r + L.R_COUNT],
+        errors=words[r + L.R_ERRORS],
+        slow=words[r + L.R_SLOW],
+        sum_ns=words[r + L.R_SUM_NS],
+        max_ns=words[r + L.R_MAX_NS],
+        bytes_in=words[r + L.R_BYTES_IN],
+        bytes_out=words[r + L.R_BYTES_OUT],
+        ttfb_sum_ns=words[r + L.R_TTFB_SUM_NS],
+        status_classes=tuple(words[r + L.R_STATUS_CLASSES : r + L.R_STATUS_CLASSES + L.STATUS_CLASSES]),
+        error_kinds=tuple(words[r + L.R_ERROR_KINDS : r + L.R_ERROR_KINDS + L.ERROR_KINDS]),
+        histogram=Histogram(words[hist_start : hist_start + L.HIST_BUCKETS], words[r + L.R_MAX_NS]),
+    )
+
+
+def read_segment(path: str | os.PathLike[str], *, records: bool = True, timeout: float = 1.0) -> SegmentSnapshot:
+    """A consistent snapshot of one segment; SegmentError if it is not one."""
+    with SegmentReader(path) as reader:
+        return reader.snapshot(records=records, timeout=timeout)
+
+
+def read_segments(
+    directory: str | os.PathLike[str], *, records: bool = True, timeout: float = 1.0
+) -> list[SegmentSnapshot]:
+    """Snapshots of every readable segment in ``directory``; others are logged and skipped."""
+    snapshots = []
+    for path in segment_paths(directory):
+        try:
+            snapshots.append(read_segment(path, records=records, timeout=timeout))
+        except SegmentError as exc:
+            segment_logger.warning("skipping segment: %s", exc)
+        except OSError as exc:  # removed between listing and reading
+            segment_logger.debug("segment %s went away: %s", path, exc)
+    return snapshots
+
+
+def merge_routes(snapshots: Iterable[SegmentSnapshot]) -> dict[tuple[str, RouteKey], RouteStats]:
+    """Per (application, route), the exact sum over processes."""
+    merged: dict[tuple[str, RouteKey], RouteStats] = {}
+    for snapshot in snapshots:
+        for route in snapshot.routes:
+            key = (snapshot.app_name, route.key)
+            merged[key] = merged[key] + route if key in merged else route
+    return merged
+

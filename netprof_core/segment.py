@@ -1,0 +1,302 @@
+"""Segment files: making one, validating one, knowing whose it is, clearing old ones."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import mmap
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _layout as L
+from .log import segment_logger
+
+__all__ = (
+    "SegmentError",
+    "SegmentHeader",
+    "create_segment",
+    "format_segment",
+    "daemon_running",
+    "map_segment",
+    "parse_header",
+    "process_alive",
+    "process_start_ticks",
+    "remove_stale_segments",
+    "segment_paths",
+)
+
+# Owner read-write, group read: netprofd reads through a shared group.
+SEGMENT_MODE = 0o640
+DIRECTORY_MODE = 0o750
+STALE_AFTER_SECONDS = 600.0
+
+_sequence = itertools.count()
+
+
+class SegmentError(Exception):
+    """A file that is not a segment netprof can read: named, with the reason."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    layout_version: int
+    total_size: int
+    pid: int
+    start_ticks: int
+    created_ns: int
+    mono_offset_ns: int
+    ring_capacity: int
+    route_capacity: int
+    requested_ring_capacity: int
+    requested_route_capacity: int
+    memory_shrinks: int
+    app_name: str
+    closed_ns: int
+
+    @property
+    def layout(self) -> L.SegmentLayout:
+        return L.SegmentLayout(self.ring_capacity, self.route_capacity)
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_ns != 0
+
+
+def parse_header(
+    buf: bytes | mmap.mmap | memoryview, path: str | os.PathLike[str], *, file_size: int | None = None
+) -> SegmentHeader:
+    """Validate the header of a segment held in ``buf``: the whole file, or its
+    first HEADER_SIZE bytes with the ``file_size``."""
+    if len(buf) < L.HEADER_SIZE:
+        raise SegmentError(path, f"truncated: {len(buf)} bytes, shorter than a header")
+    values = dict(zip(L.HEADER_FIELDS, L.HEADER_STRUCT.unpack_from(buf, 0)))
+    if values["magic"] == bytes(len(L.MAGIC)):
+        raise SegmentError(path, "not initialised yet (no magic)")
+    if values["magic"] != L.MAGIC:
+        raise SegmentError(path, f"not a netprof segment (magic {values['magic']!r})")
+    if values["layout_version"] != L.LAYOUT_VERSION:
+        raise SegmentError(
+            path,
+            f"layout version {values['layout_version']}, this netprof reads version {L.LAYOUT_VERSION}",
+        )
+    if values["header_size"] != L.HEADER_SIZE or values["hist_buckets"] != L.HIST_BUCKETS:
+        raise SegmentError(path, "header sizes do not match this layout version")
+    layout = L.SegmentLayout(values["ring_capacity"], values["route_capacity"])
+    if values["total_size"] != layout.total_size:
+        raise SegmentError(
+            path,
+            f"header says {values['total_size']} bytes, its capacities need {layout.total_size}",
+        )
+    size = len(buf) if file_size is None else file_size
+    if size < layout.total_size:
+        raise SegmentError(path, f"truncated: {size} of {layout.total_size} bytes")
+    (closed_ns,) = _U64.unpack_from(buf, L.CLOSED_NS_OFFSET)
+    del values["magic"], values["header_size"], values["hist_buckets"]
+    values["app_name"] = values["app_name"].rstrip(b"\0").decode("utf-8", "replace")
+    return SegmentHeader(closed_ns=closed_ns, **values)
+
+
+_U64 = L.struct.Struct("<Q")
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (/proc), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields follow the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def process_alive(pid: int, start_ticks: int) -> bool:
+    """True if ``pid`` still names the process that started at ``start_ticks``."""
+    return process_start_ticks(pid) == start_ticks
+
+
+def _safe_name(app_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", app_name)[: L.APP_NAME_MAX] or "app"
+
+
+def create_segment(
+    directory: str | os.PathLike[str],
+    app_name: str,
+    layout: L.SegmentLayout,
+    **contents: Any,
+) -> tuple[Path, mmap.mmap]:
+    """Make, map and format a new segment file for this process (``contents``
+    as for :func:`format_segment`)."""
+    directory = Path(directory)
+    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    pid = os.getpid()
+    ticks = process_start_ticks(pid) or 0
+    path = directory / f"{_safe_name(app_name)}-{pid}-{ticks}-{next(_sequence)}{L.SEGMENT_SUFFIX}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, SEGMENT_MODE)
+    try:
+        os.fchmod(fd, SEGMENT_MODE)  # the umask must not widen or narrow it
+        os.ftruncate(fd, layout.total_size)
+        buf = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        format_segment(buf, app_name, layout, **contents)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return path, buf
+
+
+def format_segment(
+    buf: mmap.mmap,
+    app_name: str,
+    layout: L.SegmentLayout,
+    *,
+    requested: tuple[int, int],
+    memory_shrinks: int,
+    control: Mapping[int, int],
+    route_names: Sequence[tuple[int, str, str]] = (),
+    created_ns: int | None = None,
+) -> None:
+    """Write a new segment's header, control block and route table into a
+    zeroed buffer. The magic is written last, so a reader never takes a
+    half-made file for a segment."""
+    for word, value in control.items():
+        _U64.pack_into(buf, L.CONTROL_OFFSET + word * L.WORD, value)
+    write_route_name(buf, layout, L.OVERFLOW_ROUTE_ID, L.Direction.INBOUND, "", L.OVERFLOW_TEMPLATE)
+    for route_id, (direction, method, template) in enumerate(route_names[1:], start=1):
+        write_route_name(buf, layout, route_id, direction, method, template)
+    L.ROUTE_TABLE_STRUCT.pack_into(buf, L.ROUTES_OFFSET, max(len(route_names), 1), 0)
+    pid = os.getpid()
+    now = time.time_ns() if created_ns is None else created_ns
+    L.HEADER_STRUCT.pack_into(
+        buf,
+        0,
+        bytes(len(L.MAGIC)),
+        L.LAYOUT_VERSION,
+        L.HEADER_SIZE,
+        layout.total_size,
+        pid,
+        process_start_ticks(pid) or 0,
+        now,
+        time.time_ns() - time.monotonic_ns(),
+        layout.ring_capacity,
+        layout.route_capacity,
+        requested[0],
+        requested[1],
+        L.HIST_BUCKETS,
+        memory_shrinks,
+        app_name.encode()[: L.APP_NAME_MAX],
+    )
+    buf[: len(L.MAGIC)] = L.MAGIC
+
+
+def write_route_name(
+    buf: mmap.mmap, layout: L.SegmentLayout, route_id: int, direction: int, method: str, template: str
+) -> None:
+    L.ROUTE_NAME_STRUCT.pack_into(
+        buf,
+        layout.route_name_offset(route_id),
+        direction,
+        method.encode()[:12],
+        _truncate_utf8(template, 112),
+    )
+
+
+def _truncate_utf8(text: str, limit: int) -> bytes:
+    data = text.encode()
+    if len(data) <= limit:
+        return data
+    return data[:limit].decode("utf-8", "ignore").encode()
+
+
+def mark_closed(buf: mmap.mmap) -> None:
+    _U64.pack_into(buf, L.CLOSED_NS_OFFSET, time.time_ns())
+
+
+def map_segment(path: str | os.PathLike[str], *, writable: bool = False) -> tuple[mmap.mmap, SegmentHeader]:
+    """Map an existing segment and validate its header; SegmentError if it is not one."""
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise SegmentError(path, f"cannot open: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size < L.HEADER_SIZE:
+            raise SegmentError(path, f"truncated: {size} bytes, shorter than a header")
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        buf = mmap.mmap(fd, size, access=access)
+    finally:
+        os.close(fd)
+    try:
+        return buf, parse_header(buf, path)
+    except BaseException:
+        buf.close()
+        raise
+
+
+def segment_paths(directory: str | os.PathLike[str]) -> list[Path]:
+    try:
+        return sorted(Path(directory).glob(f"*{L.SEGMENT_SUFFIX}"))
+    except OSError:
+        return []
+
+
+def daemon_running(directory: str | os.PathLike[str]) -> bool:
+    """True while a netprofd holds its lock in ``directory``."""
+    try:
+        fd = os.open(Path(directory) / L.DAEMON_LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_stale_segments(
+    directory: str | os.PathLike[str], *, older_than: float = STALE_AFTER_SECONDS
+) -> list[Path]:
+    """Remove segments of ended processes (closed, or whose pid is gone) that
+    are older than ``older_than`` seconds. Only when no netprofd runs: a running
+    daemon folds such segments into its totals and removes them itself."""
+    if daemon_running(directory):
+        return []
+    removed = []
+    now = time.time_ns()
+    for path in segment_paths(directory):
+        try:
+            with open(path, "rb") as file:
+                stat = os.fstat(file.fileno())
+                header = parse_header(file.read(L.HEADER_SIZE), path, file_size=stat.st_size)
+        except (OSError, SegmentError):
+            continue  # a foreign or half-made file is not ours to delete
+        if header.closed:
+            ended_ns = header.closed_ns
+        elif process_alive(header.pid, header.start_ticks):
+            continue
+        else:
+            ended_ns = max(header.created_ns, stat.st_mtime_ns)
+        if now - ended_ns > older_than * 1e9:
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            segment_logger.info("removed stale segment %s (pid %d)", path, header.pid)
+            removed.append(path)
+    return removed

@@ -1,0 +1,25 @@
+"""Builds the Cython recorder core. NETPROF_NO_EXTENSIONS=1 (or a non-CPython
+interpreter) installs the pure-Python twin instead; otherwise a failed build
+fails the install, since a silent fallback would hide a slow profiler."""
+
+import os
+import platform
+import sys
+
+from setuptools import Extension, setup
+
+NO_EXTENSIONS = bool(os.environ.get("NETPROF_NO_EXTENSIONS")) or platform.python_implementation() != "CPython"
+
+if NO_EXTENSIONS:
+    print("*" * 60, "netprof: installing the pure-Python core", "*" * 60, sep="\n", file=sys.stderr)
+    ext_modules = []
+else:
+    from Cython.Build import cythonize
+
+    print("*" * 60, "netprof: building the accelerated (Cython) core", "*" * 60, sep="\n", file=sys.stderr)
+    ext_modules = cythonize(
+        [Extension("netprof_core._recorder_c", ["netprof_core/_recorder_c.pyx"], extra_compile_args=["-O2"])],
+        compiler_directives={"language_level": 3, "embedsignature": True},
+    )
+
+setup(ext_modules=ext_modules)
