@@ -12,16 +12,9 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
-from netprof_core._cdefs cimport (
-    PyErr_Clear,
-    PyErr_Occurred,
-    PyLong_AsLongLong_noexc,
-    PyLong_AsUnsignedLongLong_noexc,
-    PyLong_CheckExact,
-    np_bit_length,
-    np_monotonic_ns,
-    np_release_fence,
-)
+from cpython.long cimport PyLong_Check
+
+from netprof_core._cdefs cimport np_bit_length, np_monotonic_ns, np_release_fence
 
 from netprof_core import _layout as L
 
@@ -106,28 +99,6 @@ cdef inline uint64_t bucket_index(uint64_t duration_ns) noexcept nogil:
             + ((duration_ns >> (top - HIST_SUB_BITS)) & ((<uint64_t>1 << HIST_SUB_BITS) - 1)))
 
 
-cdef inline bint as_u64(object obj, uint64_t* out):
-    """An exact int within 0..2**64-1, else False (bools and floats included)."""
-    if not PyLong_CheckExact(obj):
-        return False
-    out[0] = PyLong_AsUnsignedLongLong_noexc(obj)
-    if out[0] == <uint64_t>-1 and PyErr_Occurred() != NULL:
-        PyErr_Clear()
-        return False
-    return True
-
-
-cdef inline bint as_i64(object obj, int64_t* out):
-    """An exact int within 0..2**63-1, else False."""
-    if not PyLong_CheckExact(obj):
-        return False
-    out[0] = PyLong_AsLongLong_noexc(obj)
-    if out[0] == -1 and PyErr_Occurred() != NULL:
-        PyErr_Clear()
-        return False
-    return out[0] >= 0
-
-
 cdef class RecorderCore:
     """Applies one request to a segment; see the Python twin for the contract."""
 
@@ -193,10 +164,23 @@ cdef class RecorderCore:
                 return
         cdef uint64_t rid, st, bi, bo, ek, tt
         cdef int64_t s, e
-        if not (as_u64(route_id, &rid) and as_u64(status, &st) and as_i64(start_ns, &s)
-                and as_i64(end_ns, &e) and as_u64(bytes_in, &bi) and as_u64(bytes_out, &bo)
-                and as_u64(error_kind, &ek) and as_u64(ttfb_ns, &tt)
-                and rid < self._slots and st <= 0xFFFF and s <= e and ek < ERROR_KINDS):
+        # Ints only (an IntEnum is one): Cython's conversion alone would take floats.
+        cdef bint valid = (PyLong_Check(route_id) and PyLong_Check(status) and PyLong_Check(start_ns)
+                           and PyLong_Check(end_ns) and PyLong_Check(bytes_in) and PyLong_Check(bytes_out)
+                           and PyLong_Check(error_kind) and PyLong_Check(ttfb_ns))
+        if valid:
+            try:  # one try for all: it costs a few ns, the conversions less
+                rid = route_id
+                st = status
+                s = start_ns
+                e = end_ns
+                bi = bytes_in
+                bo = bytes_out
+                ek = error_kind
+                tt = ttfb_ns
+            except OverflowError:
+                valid = False
+        if not (valid and rid < self._slots and st <= 0xFFFF and 0 <= s <= e and ek < ERROR_KINDS):
             self._internal_error(ValueError(
                 "netprof: record() takes non-negative ints within range and end_ns >= start_ns; got "
                 f"{(route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)!r}"

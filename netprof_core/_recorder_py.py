@@ -117,14 +117,14 @@ class RecorderCore:
                 self._count(L.G_SAMPLED_OUT)
                 return False
         if not (
-            type(route_id) is int
-            and type(status) is int
-            and type(start_ns) is int
-            and type(end_ns) is int
-            and type(bytes_in) is int
-            and type(bytes_out) is int
-            and type(error_kind) is int
-            and type(ttfb_ns) is int
+            isinstance(route_id, int)
+            and isinstance(status, int)
+            and isinstance(start_ns, int)
+            and isinstance(end_ns, int)
+            and isinstance(bytes_in, int)
+            and isinstance(bytes_out, int)
+            and isinstance(error_kind, int)
+            and isinstance(ttfb_ns, int)
             and 0 <= route_id < self._slots
             and 0 <= status <= 0xFFFF
             and 0 <= start_ns <= end_ns <= 0x7FFFFFFFFFFFFFFF
