@@ -18,7 +18,12 @@ PROMETHEUS = "test_prometheus_client_histogram"
 def main(path: str) -> int:
     with open(path) as file:
         data = json.load(file)
-    per_call = {bench["name"]: bench["stats"]["median"] / CALLS * 1e9 for bench in data["benchmarks"]}
+    per_call = {
+        bench["name"]: bench["stats"]["median"] / CALLS * 1e9
+        for bench in data["benchmarks"]
+        if not bench["name"].startswith("test_snapshot")
+    }
+    snapshots = {b["name"]: b["stats"]["median"] * 1e3 for b in data["benchmarks"] if b["name"].startswith("test_snapshot")}
     machine = data.get("machine_info", {})
     print(f"{machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('python_version', '?')}")
     print(f"{'benchmark':45} {'median ns/call':>15} {'x floor':>9}")
@@ -29,6 +34,8 @@ def main(path: str) -> int:
     if CYTHON in per_call and PROMETHEUS in per_call:
         print(f"\nprometheus_client Histogram.labels().observe() / Cython record(): "
               f"{per_call[PROMETHEUS] / per_call[CYTHON]:.1f}x")
+    for name, ms in snapshots.items():
+        print(f"{name}: {ms:.2f} ms per snapshot")
     return 0
 
 

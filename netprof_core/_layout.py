@@ -137,6 +137,7 @@ SAMPLE_ALL: Final = 1 << 32
 ROUTES_OFFSET: Final = CONTROL_OFFSET + CONTROL_SIZE
 ROUTE_TABLE_HEADER: Final = 64
 ROUTE_TABLE_STRUCT: Final = struct.Struct("<QQ")  # route_count, overflowed (route keys sent to overflow)
+ROUTE_COUNT_WORD: Final = ROUTES_OFFSET // WORD  # record() refuses route ids at or above it
 ROUTE_NAME_SIZE: Final = 128
 ROUTE_NAME_STRUCT: Final = struct.Struct("<B3x12s112s")  # direction, method, template
 OVERFLOW_ROUTE_ID: Final = 0

@@ -20,6 +20,7 @@ from netprof_core import _layout as L
 
 # The layout is defined once, in _layout; these are its values as C globals.
 cdef Py_ssize_t WORD = L.WORD
+cdef Py_ssize_t ROUTE_COUNT_WORD = L.ROUTE_COUNT_WORD
 cdef Py_ssize_t C_ENABLED = L.C_ENABLED
 cdef Py_ssize_t C_FEATURE_FLAG = L.C_FEATURE_FLAG
 cdef Py_ssize_t C_AUTO_DISABLED = L.C_AUTO_DISABLED
@@ -180,7 +181,7 @@ cdef class RecorderCore:
                 tt = ttfb_ns
             except OverflowError:
                 valid = False
-        if not (valid and rid < self._slots and st <= 0xFFFF and 0 <= s <= e and ek < ERROR_KINDS):
+        if not (valid and rid < w[ROUTE_COUNT_WORD] and st <= 0xFFFF and 0 <= s <= e and ek < ERROR_KINDS):
             self._internal_error(ValueError(
                 "netprof: record() takes non-negative ints within range and end_ns >= start_ns; got "
                 f"{(route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)!r}"

@@ -125,7 +125,7 @@ class RecorderCore:
             and isinstance(bytes_out, int)
             and isinstance(error_kind, int)
             and isinstance(ttfb_ns, int)
-            and 0 <= route_id < self._slots
+            and 0 <= route_id < w[L.ROUTE_COUNT_WORD]
             and 0 <= status <= 0xFFFF
             and 0 <= start_ns <= end_ns <= 0x7FFFFFFFFFFFFFFF
             and 0 <= bytes_in <= MASK64

@@ -45,8 +45,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class _Spec:
     help: str
-    lo: int = 0
-    hi: int | None = None
+    lo: float = 0
+    hi: float | None = None
     lo_open: bool = False  # True: ``lo`` itself is not allowed
     pattern: re.Pattern[str] = re.compile(r".+", re.DOTALL)  # for str keys only
     pattern_hint: str = "a non-empty string"
@@ -89,7 +89,8 @@ class ProfilingConfig:
         True, "Measure netprof's overhead (network_profiling_overhead_ms)"
     )
     max_memory_mb: float = _key(
-        10.0, "Memory cap for one process's segment, in MiB", lo=0, hi=4096, lo_open=True
+        # Below 0.25 MiB not even the smallest segment (16 records, 1 route) fits.
+        10.0, "Memory cap for one process's segment, in MiB", lo=0.25, hi=4096
     )
     auto_disable_on_error: bool = _key(True, "Stop recording after > 3 consecutive internal errors")
     debug: bool = _key(False, "Verbose diagnostics for development")
@@ -109,7 +110,7 @@ class ProfilingConfig:
     )
     sample_rate: float = _key(1.0, "Fraction of requests recorded, 0 to 1", hi=1)
     retention_hours: float = _key(
-        0.0, "Drop records older than this; 0 keeps them until overwritten"
+        0.0, "Drop records older than this; 0 keeps them until overwritten", hi=100_000
     )
 
     def __post_init__(self) -> None:

@@ -3,7 +3,6 @@ process itself, by netprofd or by the CLI."""
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import struct
@@ -16,6 +15,7 @@ from .segment import SegmentHeader, map_segment
 __all__ = ("ControlState", "SegmentControl", "initial_control")
 
 _U64 = struct.Struct("<Q")
+MAX_RETENTION_SECONDS = 100_000 * 3600.0  # as the config's retention_hours
 _CONTROL = struct.Struct(f"<{L.CONTROL_WORDS}Q")
 
 
@@ -140,8 +140,14 @@ class SegmentControl:
 
     def set_retention(self, max_age_seconds: float) -> None:
         """Serve no record older than this (0: no limit)."""
-        if not isinstance(max_age_seconds, (int, float)) or not math.isfinite(max_age_seconds) or max_age_seconds < 0:
-            raise ValueError(f"retention must be a finite number of seconds >= 0, got {max_age_seconds!r}")
+        if (
+            isinstance(max_age_seconds, bool)
+            or not isinstance(max_age_seconds, (int, float))
+            or not 0 <= max_age_seconds <= MAX_RETENTION_SECONDS
+        ):
+            raise ValueError(
+                f"retention must be a number of seconds from 0 to {MAX_RETENTION_SECONDS:.0f}, got {max_age_seconds!r}"
+            )
         self._set(L.C_RETENTION_NS, round(max_age_seconds * 1e9))
 
     def set_ring_capacity(self, capacity: int) -> None:

@@ -28,6 +28,17 @@ class Histogram:
         self.max_ns = max_ns
 
     @classmethod
+    def from_bytes(cls, data: bytes | memoryview, max_ns: int = 0) -> Histogram:
+        """From the little-endian u64 bucket counts of a segment."""
+        hist = cls.__new__(cls)
+        hist.counts = array("Q")
+        hist.counts.frombytes(data)
+        if len(hist.counts) != HIST_BUCKETS:
+            raise ValueError(f"a histogram has {HIST_BUCKETS} buckets, got {len(hist.counts)}")
+        hist.max_ns = max_ns
+        return hist
+
+    @classmethod
     def from_durations(cls, durations_ns: Iterable[int]) -> Histogram:
         hist = cls()
         for duration in durations_ns:

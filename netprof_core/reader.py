@@ -35,6 +35,7 @@ __all__ = (
 
 LIVE_ATTEMPTS = 3
 RING_CHUNK_SLOTS = 4096
+_ERROR_KINDS = tuple(L.ErrorKind)
 
 
 class SegmentBusy(SegmentError):
@@ -206,9 +207,7 @@ class SegmentReader:
             overhead_count=words[L.G_OVERHEAD_COUNT],
             overhead_sum_ns=words[L.G_OVERHEAD_SUM_NS],
             overhead_max_ns=words[L.G_OVERHEAD_MAX_NS],
-            overhead_histogram=Histogram(
-                words[L.OVERHEAD_HIST : L.OVERHEAD_HIST + L.HIST_BUCKETS], words[L.G_OVERHEAD_MAX_NS]
-            ),
+            overhead_histogram=_histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS]),
         )
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(words[L.G_NEXT_INDEX], control, keys, now) if records else ()
@@ -218,6 +217,8 @@ class SegmentReader:
         direction, method, template = L.ROUTE_NAME_STRUCT.unpack_from(
             self._buf, self.layout.route_name_offset(route_id)
         )
+        if direction not in (L.Direction.INBOUND, L.Direction.OUTBOUND):
+            raise SegmentError(self.path, f"corrupt route table: route {route_id} has direction {direction}")
         return RouteKey(
             L.Direction(direction),
             method.rstrip(b"\0").decode("utf-8", "replace"),
@@ -264,7 +265,10 @@ class SegmentReader:
         self, next_index: int, control: ControlState, keys: list[RouteKey], now_ns: int
     ) -> tuple[RequestRecord, ...]:
         """The ring's complete records counted in this snapshot, oldest first."""
-        lowest = max(next_index - control.ring_capacity, control.clean_floor, 0)
+        capacity = control.ring_capacity
+        if not 0 < capacity <= self.layout.ring_capacity:  # as the writer reads it
+            capacity = self.layout.ring_capacity
+        lowest = max(next_index - capacity, control.clean_floor, 0)
         oldest_wall = now_ns - int(control.retention_seconds * 1e9) if control.retention_seconds else 0
         found = []
         base = self.layout.ring_offset
@@ -295,7 +299,7 @@ class SegmentReader:
                         route=keys[route_id] if route_id < len(keys) else keys[L.OVERFLOW_ROUTE_ID],
                         route_id=route_id,
                         status=status,
-                        error_kind=L.ErrorKind(error_kind) if error_kind < L.ERROR_KINDS else L.ErrorKind.OTHER,
+                        error_kind=_ERROR_KINDS[error_kind] if error_kind < L.ERROR_KINDS else L.ErrorKind.OTHER,
                         bytes_in=data[at + L.REC_BYTES_IN],
                         bytes_out=data[at + L.REC_BYTES_OUT],
                         ttfb_ns=data[at + L.REC_TTFB_NS],
@@ -309,7 +313,6 @@ class SegmentReader:
 
 def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key: RouteKey) -> RouteStats:
     r = layout.route_block(route_id)
-    hist_start = r + L.ROUTE_HEADER_WORDS
     return RouteStats(
         key=key,
         count=words[r + L.R_COUNT],
@@ -322,8 +325,12 @@ def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key:
         ttfb_sum_ns=words[r + L.R_TTFB_SUM_NS],
         status_classes=tuple(words[r + L.R_STATUS_CLASSES : r + L.R_STATUS_CLASSES + L.STATUS_CLASSES]),
         error_kinds=tuple(words[r + L.R_ERROR_KINDS : r + L.R_ERROR_KINDS + L.ERROR_KINDS]),
-        histogram=Histogram(words[hist_start : hist_start + L.HIST_BUCKETS], words[r + L.R_MAX_NS]),
+        histogram=_histogram(words, r + L.ROUTE_HEADER_WORDS, words[r + L.R_MAX_NS]),
     )
+
+
+def _histogram(words: memoryview, start: int, max_ns: int) -> Histogram:
+    return Histogram.from_bytes(words[start : start + L.HIST_BUCKETS].cast("B"), max_ns)
 
 
 def read_segment(path: str | os.PathLike[str], *, records: bool = True, timeout: float = 1.0) -> SegmentSnapshot:
@@ -342,8 +349,10 @@ def read_segments(
             snapshots.append(read_segment(path, records=records, timeout=timeout))
         except SegmentError as exc:
             segment_logger.warning("skipping segment: %s", exc)
-        except OSError as exc:  # removed between listing and reading
-            segment_logger.debug("segment %s went away: %s", path, exc)
+        except FileNotFoundError:  # the process ended and the segment was removed
+            segment_logger.debug("segment %s went away", path)
+        except OSError as exc:
+            segment_logger.warning("skipping segment %s: %s", path, exc)
     return snapshots
 
 

@@ -7,6 +7,7 @@ import atexit
 import functools
 import inspect
 import mmap
+import multiprocessing.util
 import os
 import threading
 import time
@@ -23,7 +24,7 @@ from .config import ProfilingConfig, load_profiling_config
 from .control import SegmentControl, initial_control
 from .log import recorder_logger
 from .reader import SegmentReader, SegmentSnapshot
-from .segment import create_segment, format_segment, mark_closed, parse_header, remove_stale_segments, write_route_name
+from .segment import SegmentHeader, create_segment, format_segment, mark_closed, parse_header, remove_stale_segments, write_route_name
 
 __all__ = ("Measurement", "Recorder")
 
@@ -143,11 +144,11 @@ class Recorder:
     def route_id(self, template: str, method: str = "GET", direction: int = L.Direction.INBOUND) -> int:
         """The id of a route (interned once; call it once per route, not per
         request). When the table is full, new routes share the overflow route 0."""
-        key = (int(direction), method, template)
-        route = self._route_ids.get(key)
-        if route is not None:
-            return route
         try:
+            key = (direction, method, template)
+            route = self._route_ids.get(key)
+            if route is not None:
+                return route
             return self._intern(key)
         except Exception as exc:
             self.internal_error(exc)
@@ -155,8 +156,9 @@ class Recorder:
 
     def _intern(self, key: tuple[int, str, str]) -> int:
         direction, method, template = key
-        if direction not in (L.Direction.INBOUND, L.Direction.OUTBOUND):
+        if not isinstance(direction, int) or isinstance(direction, bool) or direction not in (0, 1):
             raise ValueError(f"direction must be Direction.INBOUND or OUTBOUND, got {direction!r}")
+        direction = L.Direction(direction)
         if not isinstance(method, str) or not isinstance(template, str):
             raise TypeError(f"method and template must be str, got {method!r}, {template!r}")
         with self._intern_lock:
@@ -166,7 +168,7 @@ class Recorder:
             if len(self._route_names) <= self.layout.route_capacity:
                 route = len(self._route_names)
                 write_route_name(self._buf, self.layout, route, direction, method, template)
-                self._route_names.append(key)
+                self._route_names.append((direction, method, template))
                 self._route_ids[key] = route
             else:
                 route = L.OVERFLOW_ROUTE_ID
@@ -277,8 +279,12 @@ class Recorder:
         parent_buf.close()
 
     def _at_exit(self) -> None:
-        if not self._buf.closed and os.getpid() == self._pid:
+        if not self._buf.closed and os.getpid() == self._pid and not self.current_header().closed:
             mark_closed(self._buf)
+
+    def current_header(self) -> SegmentHeader:
+        """The header as it is now (``closed_ns`` changes when the process ends)."""
+        return parse_header(self._buf, self.path or "<private>")
 
 
 class Measurement:
@@ -328,6 +334,21 @@ def _install_process_hooks() -> None:
     _fork_hook_installed = True
     os.register_at_fork(after_in_child=_after_fork_in_child)
     atexit.register(_at_exit)
+    # multiprocessing's children leave through os._exit, past atexit, but run
+    # multiprocessing's finalizers first (registered anew in each child).
+    _close_at_multiprocessing_exit(None)
+    multiprocessing.util.register_after_fork(_MULTIPROCESSING_HOOK, _close_at_multiprocessing_exit)
+
+
+class _MultiprocessingHook:
+    """A weak-referenceable owner for multiprocessing's after-fork registry."""
+
+
+_MULTIPROCESSING_HOOK = _MultiprocessingHook()
+
+
+def _close_at_multiprocessing_exit(_: object) -> None:
+    multiprocessing.util.Finalize(None, _at_exit, exitpriority=0)
 
 
 def _after_fork_in_child() -> None:

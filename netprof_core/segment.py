@@ -8,6 +8,7 @@ import itertools
 import mmap
 import os
 import re
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -233,11 +234,16 @@ def map_segment(path: str | os.PathLike[str], *, writable: bool = False) -> tupl
     except OSError as exc:
         raise SegmentError(path, f"cannot open: {exc.strerror}") from exc
     try:
-        size = os.fstat(fd).st_size
-        if size < L.HEADER_SIZE:
-            raise SegmentError(path, f"truncated: {size} bytes, shorter than a header")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SegmentError(path, "not a regular file")
+        if info.st_size < L.HEADER_SIZE:
+            raise SegmentError(path, f"truncated: {info.st_size} bytes, shorter than a header")
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        buf = mmap.mmap(fd, size, access=access)
+        try:
+            buf = mmap.mmap(fd, info.st_size, access=access)
+        except OSError as exc:
+            raise SegmentError(path, f"cannot map: {exc.strerror}") from exc
     finally:
         os.close(fd)
     try:
@@ -282,8 +288,8 @@ def remove_stale_segments(
     for path in segment_paths(directory):
         try:
             with open(path, "rb") as file:
-                stat = os.fstat(file.fileno())
-                header = parse_header(file.read(L.HEADER_SIZE), path, file_size=stat.st_size)
+                info = os.fstat(file.fileno())
+                header = parse_header(file.read(L.HEADER_SIZE), path, file_size=info.st_size)
         except (OSError, SegmentError):
             continue  # a foreign or half-made file is not ours to delete
         if header.closed:
@@ -291,7 +297,7 @@ def remove_stale_segments(
         elif process_alive(header.pid, header.start_ticks):
             continue
         else:
-            ended_ns = max(header.created_ns, stat.st_mtime_ns)
+            ended_ns = max(header.created_ns, info.st_mtime_ns)
         if now - ended_ns > older_than * 1e9:
             try:
                 path.unlink()
