@@ -169,9 +169,9 @@ ERROR_KINDS: Final = 8
 # 2**HIST_LINEAR_BITS ns, HIST_LINEAR_BUCKETS equal buckets; above, each power
 # of two is split into 2**HIST_SUB_BITS equal buckets, so a bucket is at most
 # 1/64 of its lower bound wide and its midpoint is within 0.8 % of any value
-# in it from 1 µs to 2**42 ns (about 73 minutes). Larger values share the last bucket.
+# in it from 512 ns to 2**42 ns (about 73 minutes). Larger values share the last bucket.
 HIST_SUB_BITS: Final = 6
-HIST_LINEAR_BITS: Final = 10
+HIST_LINEAR_BITS: Final = 9
 HIST_MAX_BITS: Final = 42
 HIST_LINEAR_BUCKETS: Final = 1 << (HIST_LINEAR_BITS - HIST_SUB_BITS)
 HIST_BUCKETS: Final = HIST_LINEAR_BUCKETS + ((HIST_MAX_BITS - HIST_LINEAR_BITS) << HIST_SUB_BITS)

@@ -16,19 +16,20 @@ class Histogram:
 
     Histograms of the same route from many processes merge exactly by adding
     bucket counts; a quantile is the midpoint of the bucket holding it (within
-    0.8 % of the true value from 1 µs to 73 minutes), never above ``max_ns``.
+    0.8 % of the true value from 512 ns to 73 minutes), never above ``max_ns``
+    when that is known (None: not known).
     """
 
     __slots__ = ("counts", "max_ns")
 
-    def __init__(self, counts: Iterable[int] | None = None, max_ns: int = 0) -> None:
+    def __init__(self, counts: Iterable[int] | None = None, max_ns: int | None = None) -> None:
         self.counts = array("Q", bytes(8 * HIST_BUCKETS) if counts is None else counts)
         if len(self.counts) != HIST_BUCKETS:
             raise ValueError(f"a histogram has {HIST_BUCKETS} buckets, got {len(self.counts)}")
         self.max_ns = max_ns
 
     @classmethod
-    def from_bytes(cls, data: bytes | memoryview, max_ns: int = 0) -> Histogram:
+    def from_bytes(cls, data: bytes | memoryview, max_ns: int | None = None) -> Histogram:
         """From the little-endian u64 bucket counts of a segment."""
         hist = cls.__new__(cls)
         hist.counts = array("Q")
@@ -43,7 +44,7 @@ class Histogram:
         hist = cls()
         for duration in durations_ns:
             hist.counts[bucket_index(duration)] += 1
-            hist.max_ns = max(hist.max_ns, duration)
+            hist.max_ns = duration if hist.max_ns is None else max(hist.max_ns, duration)
         return hist
 
     @property
@@ -59,7 +60,7 @@ class Histogram:
         return self.counts == other.counts and self.max_ns == other.max_ns
 
     def __add__(self, other: Histogram) -> Histogram:
-        merged = Histogram(self.counts, max(self.max_ns, other.max_ns))
+        merged = Histogram(self.counts, self.max_ns)
         merged += other
         return merged
 
@@ -67,7 +68,7 @@ class Histogram:
         counts = self.counts
         for index, count in other.nonzero():
             counts[index] += count
-        self.max_ns = max(self.max_ns, other.max_ns)
+        self.max_ns = None if self.max_ns is None or other.max_ns is None else max(self.max_ns, other.max_ns)
         return self
 
     def __sub__(self, earlier: Histogram) -> Histogram:
@@ -100,7 +101,7 @@ class Histogram:
             if seen >= rank:
                 lower, upper = bucket_bounds(index)
                 estimate = (lower + upper) / 2
-                return min(estimate, float(self.max_ns)) if self.max_ns else estimate
+                return estimate if self.max_ns is None else min(estimate, float(self.max_ns))
         raise AssertionError("unreachable: rank is at most the total count")
 
     def cumulative_counts(self, bounds_ns: Iterable[float]) -> list[int]:

@@ -27,7 +27,6 @@ from netprof_core import (
     ProfilingConfig,
     Recorder,
     RouteKey,
-    SegmentSnapshot,
     merge_routes,
     read_segments,
 )
