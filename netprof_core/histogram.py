@@ -31,13 +31,9 @@ class Histogram:
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, max_ns: int | None = None) -> Histogram:
         """From the little-endian u64 bucket counts of a segment."""
-        hist = cls.__new__(cls)
-        hist.counts = array("Q")
-        hist.counts.frombytes(data)
-        if len(hist.counts) != HIST_BUCKETS:
-            raise ValueError(f"a histogram has {HIST_BUCKETS} buckets, got {len(hist.counts)}")
-        hist.max_ns = max_ns
-        return hist
+        counts = array("Q")
+        counts.frombytes(data)
+        return cls(counts, max_ns)
 
     @classmethod
     def from_durations(cls, durations_ns: Iterable[int]) -> Histogram:
@@ -103,16 +99,3 @@ class Histogram:
                 estimate = (lower + upper) / 2
                 return estimate if self.max_ns is None else min(estimate, float(self.max_ns))
         raise AssertionError("unreachable: rank is at most the total count")
-
-    def cumulative_counts(self, bounds_ns: Iterable[float]) -> list[int]:
-        """How many durations fall at or below each bound, for exposition with
-        coarser (Prometheus) buckets; a bucket counts below a bound when its midpoint does."""
-        limits = list(bounds_ns)
-        result = [0] * len(limits)
-        for index, count in self.nonzero():
-            lower, upper = bucket_bounds(index)
-            midpoint = (lower + upper) / 2
-            for position, limit in enumerate(limits):
-                if midpoint <= limit:
-                    result[position] += count
-        return result
