@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from netprof_core import ProfilingConfig, Recorder
+from netprof_core._recorder import NO_EXTENSIONS
 
 IMPLEMENTATIONS = [
     pytest.param("cython", marks=pytest.mark.c_extension, id="cython"),
@@ -23,7 +24,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--no-c-extensions",
         action="store_true",
-        default=bool(os.environ.get("NETPROF_NO_EXTENSIONS")),
+        default=NO_EXTENSIONS,
         help="skip the tests of the Cython core (the default when NETPROF_NO_EXTENSIONS is set)",
     )
 

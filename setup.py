@@ -8,7 +8,7 @@ import sys
 
 from setuptools import Extension, setup
 
-NO_EXTENSIONS = bool(os.environ.get("NETPROF_NO_EXTENSIONS")) or platform.python_implementation() != "CPython"
+NO_EXTENSIONS = os.environ.get("NETPROF_NO_EXTENSIONS", "") not in ("", "0") or platform.python_implementation() != "CPython"
 
 if NO_EXTENSIONS:
     print("*" * 60, "netprof: installing the pure-Python core", "*" * 60, sep="\n", file=sys.stderr)
@@ -17,9 +17,7 @@ else:
     from Cython.Build import cythonize
 
     print("*" * 60, "netprof: building the accelerated (Cython) core", "*" * 60, sep="\n", file=sys.stderr)
-    ext_modules = cythonize(
-        [Extension("netprof_core._recorder_c", ["netprof_core/_recorder_c.pyx"], extra_compile_args=["-O2"])],
-        compiler_directives={"language_level": 3, "embedsignature": True},
-    )
+    # Compiler directives are in the .pyx header.
+    ext_modules = cythonize([Extension("netprof_core._recorder_c", ["netprof_core/_recorder_c.pyx"])])
 
 setup(ext_modules=ext_modules)

@@ -3,7 +3,8 @@ pure-Python twin and the reader.
 
 A segment is one file per profiled process, mapped with ``mmap`` by the writer
 (the process itself) and by any number of readers (netprofd, the CLI, tests).
-Its size is fixed when it is created. All integers are little-endian.
+Its size is fixed when it is created. All integers are little-endian; netprof
+runs on little-endian hosts only (the cores write native words).
 
 ::
 
@@ -52,14 +53,17 @@ the pure-Python twin takes a lock.) The writer never waits for a reader:
   pass of the ring, so a reader validates each record on its own.
 * The control block is written by readers (the daemon, the CLI) and read by the
   writer on every record; its words are independent settings, each written with
-  one aligned 8-byte store. ``C_CONSECUTIVE_ERRORS`` and ``C_AUTO_DISABLED`` are
-  written by both sides; they are gauges, not counters, so a lost update there
-  is harmless.
+  one aligned 8-byte store. Requests the writer must act on (publish, reset of
+  errors) are tokens the writer acknowledges in its own words, so that no word
+  is read-modified-written by both sides. The one exception is
+  ``C_AUTO_DISABLED``: the writer sets it, a reset clears it; both outcomes of
+  that race are states the user asked for.
 * The route table is written only by the writer's interning call: an entry is
   complete before the count that makes it visible is raised.
 
-These rules assume stores become visible in program order (x86-64); the Cython
-core adds release fences so that they also hold on weaker architectures.
+These rules rely on stores becoming visible, and loads happening, in program
+order, as on x86-64 (TSO). The Cython core adds release fences; the readers
+and the pure-Python twin have none, so weaker architectures are not supported.
 """
 
 from __future__ import annotations
@@ -76,6 +80,12 @@ SEGMENT_SUFFIX: Final = ".npseg"
 DAEMON_LOCK_NAME: Final = "netprofd.lock"
 
 WORD: Final = 8
+U64: Final = struct.Struct("<Q")
+
+# Behaviour both cores share.
+MAX_CONSECUTIVE_ERRORS: Final = 3  # more than this in a row auto-disables
+OVERHEAD_SAMPLE_MASK: Final = 63  # time one record in 64 when performance monitoring is on
+SLOW_LOG_INTERVAL_NS: Final = 1_000_000_000  # at most one slow-request log line a second
 
 # --- header ---------------------------------------------------------------
 HEADER_SIZE: Final = 512
@@ -93,7 +103,7 @@ _HEADER_SPEC: Final = (
     ("requested_ring_capacity", "I"),  # from the config, before the memory bound
     ("requested_route_capacity", "I"),
     ("hist_buckets", "I"),
-    ("memory_shrinks", "I"),  # how many times the memory bound shrank the request
+    ("memory_shrinks", "I"),  # 1 if the memory bound shrank the ring or the route table
     ("app_name", "64s"),  # utf-8, NUL-padded
 )
 HEADER_STRUCT: Final = struct.Struct("<" + "".join(fmt for _, fmt in _HEADER_SPEC))
@@ -129,8 +139,8 @@ C_SLOW_NS: Final = 8
 C_RING_CAPACITY: Final = 9  # effective ring capacity, <= header ring_capacity
 C_RETENTION_NS: Final = 10  # 0: no age limit on served records
 C_CLEAN_FLOOR: Final = 11  # records with an index below this are dropped
-C_PUBLISH_REQUEST: Final = 12
-C_CONSECUTIVE_ERRORS: Final = 13
+C_PUBLISH_REQUEST: Final = 12  # a reader's token; answered in G_PUBLISH_ACK
+C_RESET_ERRORS_REQUEST: Final = 13  # a reader's token; answered in G_RESET_ACK
 SAMPLE_ALL: Final = 1 << 32
 
 # --- route table ------------------------------------------------------------
@@ -215,8 +225,12 @@ G_OVERHEAD_COUNT: Final = 7  # records whose own cost was timed
 G_OVERHEAD_SUM_NS: Final = 8
 G_OVERHEAD_MAX_NS: Final = 9
 G_PUBLISH_ACK: Final = 10  # meaningful in the published copy: the request it answers
+G_CONSECUTIVE_ERRORS: Final = 11  # internal errors since the last good record or reset
+G_RESET_ACK: Final = 12  # the last reset-errors request acted on
 GLOBAL_WORDS: Final = 16
 OVERHEAD_HIST: Final = GLOBAL_WORDS
+
+ROUTES_START: Final = GLOBAL_WORDS + HIST_BUCKETS
 
 R_COUNT: Final = 0
 R_ERRORS: Final = 1  # error kind set, or status >= 500
@@ -289,7 +303,7 @@ class SegmentLayout:
 
     def route_block(self, route_id: int) -> int:
         """Word index, within a statistics area, of a route's block."""
-        return GLOBAL_WORDS + HIST_BUCKETS + route_id * ROUTE_BLOCK_WORDS
+        return ROUTES_START + route_id * ROUTE_BLOCK_WORDS
 
     def route_name_offset(self, route_id: int) -> int:
         return ROUTES_OFFSET + ROUTE_TABLE_HEADER + route_id * ROUTE_NAME_SIZE
@@ -298,8 +312,9 @@ class SegmentLayout:
     def fitting(
         cls, ring_capacity: int, route_capacity: int, max_bytes: int
     ) -> tuple[SegmentLayout, int]:
-        """The largest layout within ``max_bytes``: the ring shrinks first, then
-        the route table. Returns it with the number of shrinks applied (0 or 1)."""
+        """The layout within ``max_bytes`` closest to the one asked for: the ring
+        shrinks first, down to MIN_RING_CAPACITY, then the route table; the ring
+        then takes what room is left. Returns it with 1 if anything shrank, else 0."""
         wanted = cls(ring_capacity, route_capacity)
         if wanted.total_size <= max_bytes:
             return wanted, 0
@@ -310,7 +325,8 @@ class SegmentLayout:
         ring = min(ring_capacity, MIN_RING_CAPACITY)
         for routes in range(route_capacity - 1, 0, -1):
             if cls(ring, routes).total_size <= max_bytes:
-                return cls(ring, routes), 1
+                spare = (max_bytes - cls(0, routes).total_size) // RECORD_SIZE
+                return cls(min(ring_capacity, spare), routes), 1
         raise ValueError(
             f"max_memory_mb allows {max_bytes} bytes, below the smallest possible "
             f"segment ({cls(ring, 1).total_size} bytes): raise max_memory_mb"

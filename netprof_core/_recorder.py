@@ -9,12 +9,15 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-NO_EXTENSIONS = bool(os.environ.get("NETPROF_NO_EXTENSIONS")) or platform.python_implementation() != "CPython"
+NO_EXTENSIONS = os.environ.get("NETPROF_NO_EXTENSIONS", "") not in ("", "0") or platform.python_implementation() != "CPython"
+
+if sys.byteorder != "little":  # the cores write native words into a little-endian layout
+    raise ImportError("netprof_core runs on little-endian hosts only")
 
 if TYPE_CHECKING:
     from ._recorder_py import RecorderCore as RecorderCore
 else:
-    if NO_EXTENSIONS or sys.byteorder != "little":
+    if NO_EXTENSIONS:
         from ._recorder_py import RecorderCore
     else:
         try:
@@ -22,7 +25,11 @@ else:
         except ImportError:  # the build is made to fail loudly; this is an editable tree
             from ._recorder_py import RecorderCore
 
-IMPLEMENTATION = "cython" if RecorderCore.__module__.endswith("_recorder_c") else "python"
+def implementation_of(core_class: type) -> str:
+    return "cython" if core_class.__module__.endswith("_recorder_c") else "python"
+
+
+IMPLEMENTATION = implementation_of(RecorderCore)
 
 IMPLEMENTATIONS = ("cython", "python")
 

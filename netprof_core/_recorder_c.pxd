@@ -19,10 +19,11 @@ cdef class RecorderCore:
     cdef int64_t _last_slow_log_ns
     cdef uint64_t _slow_suppressed
     cdef object _on_slow
-    cdef object _layout
+    cdef uint64_t _publish_ack
 
     cdef bint _apply(self, uint64_t route_id, uint64_t status, int64_t start_ns, int64_t end_ns,
-                     uint64_t bytes_in, uint64_t bytes_out, uint64_t error_kind, uint64_t ttfb_ns)
+                     uint64_t bytes_in, uint64_t bytes_out, uint64_t error_kind, uint64_t ttfb_ns,
+                     bint timed, int64_t t0)
     cdef void _count(self, Py_ssize_t word)
     cdef void _publish(self)
     cdef _internal_error(self, exc)

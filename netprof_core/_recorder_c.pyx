@@ -4,8 +4,10 @@
 Both apply the same updates, in the same order, to the segment described in
 ``_layout``; a test proves they leave byte-identical segments. Keep them in step.
 
-A record runs without calling Python code, so it cannot release the GIL midway:
-threads of one process never interleave inside it, and no lock is needed.
+A good record runs without calling Python code, so it cannot release the GIL
+midway: threads of one process never interleave inside an update, and no lock
+is needed. (Python code runs only outside the updates: building the error of
+a bad call, and the slow-request callback.)
 """
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -32,7 +34,7 @@ cdef Py_ssize_t C_SAMPLE_THRESHOLD = L.C_SAMPLE_THRESHOLD
 cdef Py_ssize_t C_SLOW_NS = L.C_SLOW_NS
 cdef Py_ssize_t C_RING_CAPACITY = L.C_RING_CAPACITY
 cdef Py_ssize_t C_PUBLISH_REQUEST = L.C_PUBLISH_REQUEST
-cdef Py_ssize_t C_CONSECUTIVE_ERRORS = L.C_CONSECUTIVE_ERRORS
+cdef Py_ssize_t C_RESET_ERRORS_REQUEST = L.C_RESET_ERRORS_REQUEST
 cdef uint64_t SAMPLE_ALL = L.SAMPLE_ALL
 cdef Py_ssize_t G_SEQ = L.G_SEQ
 cdef Py_ssize_t G_SAMPLED_OUT = L.G_SAMPLED_OUT
@@ -45,6 +47,8 @@ cdef Py_ssize_t G_OVERHEAD_COUNT = L.G_OVERHEAD_COUNT
 cdef Py_ssize_t G_OVERHEAD_SUM_NS = L.G_OVERHEAD_SUM_NS
 cdef Py_ssize_t G_OVERHEAD_MAX_NS = L.G_OVERHEAD_MAX_NS
 cdef Py_ssize_t G_PUBLISH_ACK = L.G_PUBLISH_ACK
+cdef Py_ssize_t G_CONSECUTIVE_ERRORS = L.G_CONSECUTIVE_ERRORS
+cdef Py_ssize_t G_RESET_ACK = L.G_RESET_ACK
 cdef Py_ssize_t GLOBAL_WORDS = L.GLOBAL_WORDS
 cdef Py_ssize_t OVERHEAD_HIST = L.OVERHEAD_HIST
 cdef Py_ssize_t R_COUNT = L.R_COUNT
@@ -59,7 +63,7 @@ cdef Py_ssize_t R_STATUS_CLASSES = L.R_STATUS_CLASSES
 cdef Py_ssize_t R_ERROR_KINDS = L.R_ERROR_KINDS
 cdef Py_ssize_t ROUTE_HEADER_WORDS = L.ROUTE_HEADER_WORDS
 cdef Py_ssize_t ROUTE_BLOCK_WORDS = L.ROUTE_BLOCK_WORDS
-cdef Py_ssize_t ROUTES_START = L.GLOBAL_WORDS + L.HIST_BUCKETS
+cdef Py_ssize_t ROUTES_START = L.ROUTES_START
 cdef uint64_t ERROR_KINDS = L.ERROR_KINDS
 cdef Py_ssize_t RECORD_WORDS = L.RECORD_WORDS
 cdef Py_ssize_t REC_SEQ = L.REC_SEQ
@@ -77,15 +81,11 @@ cdef int HIST_MAX_BITS = L.HIST_MAX_BITS
 cdef uint64_t HIST_LINEAR_BUCKETS = L.HIST_LINEAR_BUCKETS
 cdef uint64_t HIST_BUCKETS = L.HIST_BUCKETS
 
-from netprof_core._recorder_py import (
-    MAX_CONSECUTIVE_ERRORS as _MAX_CONSECUTIVE_ERRORS,
-    OVERHEAD_SAMPLE_MASK as _OVERHEAD_SAMPLE_MASK,
-    SLOW_LOG_INTERVAL_NS as _SLOW_LOG_INTERVAL_NS,
-)
+cdef uint64_t MAX_CONSECUTIVE_ERRORS = L.MAX_CONSECUTIVE_ERRORS
+cdef uint64_t OVERHEAD_SAMPLE_MASK = L.OVERHEAD_SAMPLE_MASK
+cdef int64_t SLOW_LOG_INTERVAL_NS = L.SLOW_LOG_INTERVAL_NS
 
-cdef uint64_t MAX_CONSECUTIVE_ERRORS = _MAX_CONSECUTIVE_ERRORS
-cdef uint64_t OVERHEAD_SAMPLE_MASK = _OVERHEAD_SAMPLE_MASK
-cdef int64_t SLOW_LOG_INTERVAL_NS = _SLOW_LOG_INTERVAL_NS
+from netprof_core._recorder_py import invalid_arguments
 
 
 cdef inline uint64_t bucket_index(uint64_t duration_ns) noexcept nogil:
@@ -108,7 +108,6 @@ cdef class RecorderCore:
         self._w = NULL
 
     def __init__(self, buf, layout, uint64_t seed, on_slow=None):
-        self._layout = layout
         self._slots = layout.route_slots
         self._ctl = L.CONTROL_OFFSET // WORD
         self._live = layout.live_offset // WORD
@@ -127,11 +126,13 @@ cdef class RecorderCore:
         self._mono_offset_ns = L.read_header_field(buf, "mono_offset_ns")
         self._rng = seed
         self._calls = 0
+        self._publish_ack = 0
         self._dirty = bytearray(self._slots + 1)
         self._last_slow_log_ns = -SLOW_LOG_INTERVAL_NS
         self._slow_suppressed = 0
 
     def release(self):
+        """Stop writing; record() becomes a no-op."""
         self._w = NULL
         if self._has_view:
             PyBuffer_Release(&self._view)
@@ -163,6 +164,9 @@ cdef class RecorderCore:
             if (x * <uint64_t>0x2545F4914F6CDD1D) >> 32 >= threshold:
                 self._count(G_SAMPLED_OUT)
                 return
+        cdef bint timed = c[C_PERF_MONITORING] != 0 and (self._calls & OVERHEAD_SAMPLE_MASK) == 0
+        self._calls += 1
+        cdef int64_t t0 = np_monotonic_ns() if timed else 0
         cdef uint64_t rid, st, bi, bo, ek, tt
         cdef int64_t s, e
         # Ints only (an IntEnum is one): Cython's conversion alone would take floats.
@@ -181,26 +185,23 @@ cdef class RecorderCore:
                 tt = ttfb_ns
             except OverflowError:
                 valid = False
-        if not (valid and rid < w[ROUTE_COUNT_WORD] and st <= 0xFFFF and 0 <= s <= e and ek < ERROR_KINDS):
-            self._internal_error(ValueError(
-                "netprof: record() takes non-negative ints within range and end_ns >= start_ns; got "
-                f"{(route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)!r}"
+        # The route count is shared memory: trust it no further than the layout.
+        if not (valid and rid < w[ROUTE_COUNT_WORD] and rid < self._slots and st <= 0xFFFF
+                and 0 <= s <= e and ek < ERROR_KINDS):
+            self._internal_error(invalid_arguments(
+                c[C_GRACEFUL] != 0, (route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
             ))
             return
-        if self._apply(rid, st, s, e, bi, bo, ek, tt) and self._on_slow is not None:
+        if self._apply(rid, st, s, e, bi, bo, ek, tt, timed, t0) and self._on_slow is not None:
             self._log_slow(rid, <uint64_t>(e - s), st, e)
 
     cdef bint _apply(self, uint64_t route_id, uint64_t status, int64_t start_ns, int64_t end_ns,
-                     uint64_t bytes_in, uint64_t bytes_out, uint64_t error_kind, uint64_t ttfb_ns):
+                     uint64_t bytes_in, uint64_t bytes_out, uint64_t error_kind, uint64_t ttfb_ns,
+                     bint timed, int64_t t0):
         cdef uint64_t* w = self._w
         cdef uint64_t* c = w + self._ctl
         cdef uint64_t* g = w + self._live
-        cdef bint timed = c[C_PERF_MONITORING] != 0 and (self._calls & OVERHEAD_SAMPLE_MASK) == 0
-        cdef int64_t t0 = 0
         cdef uint64_t spent
-        self._calls += 1
-        if timed:
-            t0 = np_monotonic_ns()
         cdef uint64_t duration = <uint64_t>(end_ns - start_ns)
         cdef bint is_error = error_kind != 0 or status >= 500
         cdef bint slow = duration >= c[C_SLOW_NS]
@@ -235,7 +236,7 @@ cdef class RecorderCore:
         cdef uint64_t* rec = w + self._ring + slot * RECORD_WORDS
         rec[REC_SEQ] = 2 * index + 1
         np_release_fence()
-        rec[REC_WALL_NS] = <uint64_t>(end_ns + self._mono_offset_ns)
+        rec[REC_WALL_NS] = <uint64_t>end_ns + <uint64_t>self._mono_offset_ns  # wraps, as the twin masks
         rec[REC_DURATION_NS] = duration
         rec[REC_BYTES_IN] = bytes_in
         rec[REC_BYTES_OUT] = bytes_out
@@ -246,6 +247,7 @@ cdef class RecorderCore:
         rec[REC_SEQ] = 2 * index + 2
         g[G_RING_CURSOR] = slot + 1
         g[G_NEXT_INDEX] = index + 1
+        g[G_CONSECUTIVE_ERRORS] = 0
 
         if timed:
             spent = <uint64_t>(np_monotonic_ns() - t0)
@@ -258,9 +260,7 @@ cdef class RecorderCore:
         np_release_fence()
         g[G_SEQ] += 1
 
-        if c[C_CONSECUTIVE_ERRORS]:
-            c[C_CONSECUTIVE_ERRORS] = 0
-        if c[C_PUBLISH_REQUEST] != w[self._pub + G_PUBLISH_ACK]:
+        if c[C_PUBLISH_REQUEST] != self._publish_ack:
             self._publish()
         return slow and c[C_LOG_SLOW] != 0
 
@@ -272,7 +272,7 @@ cdef class RecorderCore:
         g[word] += 1
         np_release_fence()
         g[G_SEQ] += 1
-        if w[self._ctl + C_PUBLISH_REQUEST] != w[self._pub + G_PUBLISH_ACK]:
+        if w[self._ctl + C_PUBLISH_REQUEST] != self._publish_ack:
             self._publish()
 
     cdef void _publish(self):
@@ -293,7 +293,8 @@ cdef class RecorderCore:
                 start = ROUTES_START + route_id * ROUTE_BLOCK_WORDS
                 memcpy(pub + start, live + start, ROUTE_BLOCK_WORDS * WORD)
                 dirty[route_id] = 0
-        pub[G_PUBLISH_ACK] = self._w[self._ctl + C_PUBLISH_REQUEST]
+        self._publish_ack = self._w[self._ctl + C_PUBLISH_REQUEST]
+        pub[G_PUBLISH_ACK] = self._publish_ack
         np_release_fence()
         pub[G_SEQ] += 1
 
@@ -307,12 +308,24 @@ cdef class RecorderCore:
         if w == NULL:
             return
         cdef uint64_t* c = w + self._ctl
-        self._count(G_INTERNAL_ERRORS)
-        cdef uint64_t errors = c[C_CONSECUTIVE_ERRORS] + 1
-        c[C_CONSECUTIVE_ERRORS] = errors
-        if errors > MAX_CONSECUTIVE_ERRORS and c[C_AUTO_DISABLE_ON_ERROR] and not c[C_AUTO_DISABLED]:
+        cdef uint64_t* g = w + self._live
+        g[G_SEQ] += 1
+        np_release_fence()
+        g[G_INTERNAL_ERRORS] += 1
+        if c[C_RESET_ERRORS_REQUEST] != g[G_RESET_ACK]:
+            g[G_RESET_ACK] = c[C_RESET_ERRORS_REQUEST]
+            g[G_CONSECUTIVE_ERRORS] = 0
+        g[G_CONSECUTIVE_ERRORS] += 1
+        cdef bint disable = (g[G_CONSECUTIVE_ERRORS] > MAX_CONSECUTIVE_ERRORS
+                             and c[C_AUTO_DISABLE_ON_ERROR] != 0 and c[C_AUTO_DISABLED] == 0)
+        if disable:
+            g[G_AUTO_DISABLE_EVENTS] += 1
+        np_release_fence()
+        g[G_SEQ] += 1
+        if disable:
             c[C_AUTO_DISABLED] = 1
-            self._count(G_AUTO_DISABLE_EVENTS)
+        if c[C_PUBLISH_REQUEST] != self._publish_ack:
+            self._publish()
         if not c[C_GRACEFUL]:
             raise exc
 

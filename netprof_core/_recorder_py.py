@@ -13,17 +13,20 @@ from collections.abc import Callable
 from . import _layout as L
 
 MASK64 = (1 << 64) - 1
-# Time one record in this many when performance monitoring is on.
-OVERHEAD_SAMPLE_MASK = 63
-MAX_CONSECUTIVE_ERRORS = 3
-SLOW_LOG_INTERVAL_NS = 1_000_000_000
 
 SlowCallback = Callable[[int, int, int, int], None]
 
 
-def seed_for(pid: int, created_ns: int) -> int:
-    """The sampling generator's seed; never 0, which xorshift cannot leave."""
-    return ((pid << 32) ^ created_ns ^ 0x9E3779B97F4A7C15) & MASK64 or 1
+def invalid_arguments(graceful: bool, args: tuple[object, ...]) -> ValueError:
+    """The error for a bad record() call. Its message shows the values only
+    when it will be raised: a repr can be costly, or raise itself."""
+    message = "netprof: record() takes non-negative ints within range, a route id from route_id() and end_ns >= start_ns"
+    if graceful:
+        return ValueError(f"{message}; got types {tuple(type(arg).__name__ for arg in args)}")
+    try:
+        return ValueError(f"{message}; got {args!r}")
+    except Exception:
+        return ValueError(message)
 
 
 class RecorderCore:
@@ -50,16 +53,23 @@ class RecorderCore:
 
     def rebind(self, buf: object, seed: int) -> None:
         """Write into another segment of the same layout (a forked child's)."""
-        self.release()
-        self._words = memoryview(buf).cast("Q")  # type: ignore[arg-type]
-        self._mono_offset_ns = L.read_header_field(buf, "mono_offset_ns")
-        self._rng = seed
-        self._calls = 0
-        self._dirty = bytearray(self._slots + 1)  # route blocks, then the overhead histogram
-        self._last_slow_log_ns = -SLOW_LOG_INTERVAL_NS
-        self._slow_suppressed = 0
+        with self._lock:
+            self._release()
+            self._words = memoryview(buf).cast("Q")  # type: ignore[arg-type]
+            self._mono_offset_ns = L.read_header_field(buf, "mono_offset_ns")
+            self._rng = seed
+            self._calls = 0
+            self._publish_ack = 0
+            self._dirty = bytearray(self._slots + 1)  # route blocks, then the overhead histogram
+            self._last_slow_log_ns = -L.SLOW_LOG_INTERVAL_NS
+            self._slow_suppressed = 0
 
     def release(self) -> None:
+        """Stop writing; record() becomes a no-op."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
         if self._words is not None:
             self._words.release()
             self._words = None
@@ -102,7 +112,6 @@ class RecorderCore:
         if w is None:
             return False
         c = self._ctl
-        g = self._live
         if not w[c + L.C_ENABLED] or not w[c + L.C_FEATURE_FLAG] or w[c + L.C_AUTO_DISABLED]:
             self._count(L.G_DISABLED_CALLS)
             return False
@@ -116,6 +125,10 @@ class RecorderCore:
             if ((x * 0x2545F4914F6CDD1D) & MASK64) >> 32 >= threshold:
                 self._count(L.G_SAMPLED_OUT)
                 return False
+        timed = w[c + L.C_PERF_MONITORING] and not self._calls & L.OVERHEAD_SAMPLE_MASK
+        self._calls += 1
+        if timed:
+            t0 = time.monotonic_ns()
         if not (
             isinstance(route_id, int)
             and isinstance(status, int)
@@ -125,7 +138,8 @@ class RecorderCore:
             and isinstance(bytes_out, int)
             and isinstance(error_kind, int)
             and isinstance(ttfb_ns, int)
-            and 0 <= route_id < w[L.ROUTE_COUNT_WORD]
+            # The route count is shared memory: trust it no further than the layout.
+            and 0 <= route_id < min(w[L.ROUTE_COUNT_WORD], self._slots)
             and 0 <= status <= 0xFFFF
             and 0 <= start_ns <= end_ns <= 0x7FFFFFFFFFFFFFFF
             and 0 <= bytes_in <= MASK64
@@ -133,84 +147,84 @@ class RecorderCore:
             and 0 <= error_kind < L.ERROR_KINDS
             and 0 <= ttfb_ns <= MASK64
         ):
-            self._internal_error(
-                ValueError(
-                    "netprof: record() takes non-negative ints within range and end_ns >= start_ns; got "
-                    f"{(route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)!r}"
-                )
-            )
+            args = (route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
+            self._internal_error(invalid_arguments(bool(w[c + L.C_GRACEFUL]), args))
             return False
-        timed = w[c + L.C_PERF_MONITORING] and not self._calls & OVERHEAD_SAMPLE_MASK
-        self._calls += 1
-        if timed:
-            t0 = time.monotonic_ns()
         duration = end_ns - start_ns
         is_error = error_kind != 0 or status >= 500
         slow = duration >= w[c + L.C_SLOW_NS]
 
-        w[g + L.G_SEQ] += 1
-        r = g + self._layout.route_block(route_id)
-        w[r + L.R_COUNT] += 1
-        if is_error:
-            w[r + L.R_ERRORS] += 1
-        if slow:
-            w[r + L.R_SLOW] += 1
-        w[r + L.R_SUM_NS] = (w[r + L.R_SUM_NS] + duration) & MASK64
-        if duration > w[r + L.R_MAX_NS]:
-            w[r + L.R_MAX_NS] = duration
-        w[r + L.R_BYTES_IN] = (w[r + L.R_BYTES_IN] + bytes_in) & MASK64
-        w[r + L.R_BYTES_OUT] = (w[r + L.R_BYTES_OUT] + bytes_out) & MASK64
-        w[r + L.R_TTFB_SUM_NS] = (w[r + L.R_TTFB_SUM_NS] + ttfb_ns) & MASK64
-        w[r + L.R_STATUS_CLASSES + (status // 100 if 100 <= status < 600 else 0)] += 1
-        if error_kind:
-            w[r + L.R_ERROR_KINDS + error_kind] += 1
-        w[r + L.ROUTE_HEADER_WORDS + L.bucket_index(duration)] += 1
-        self._dirty[route_id] = 1
+        g = self._live
+        seq = w[g + L.G_SEQ]
+        w[g + L.G_SEQ] = seq + 1
+        try:
+            r = g + L.ROUTES_START + route_id * L.ROUTE_BLOCK_WORDS
+            w[r + L.R_COUNT] += 1
+            if is_error:
+                w[r + L.R_ERRORS] += 1
+            if slow:
+                w[r + L.R_SLOW] += 1
+            w[r + L.R_SUM_NS] = (w[r + L.R_SUM_NS] + duration) & MASK64
+            if duration > w[r + L.R_MAX_NS]:
+                w[r + L.R_MAX_NS] = duration
+            w[r + L.R_BYTES_IN] = (w[r + L.R_BYTES_IN] + bytes_in) & MASK64
+            w[r + L.R_BYTES_OUT] = (w[r + L.R_BYTES_OUT] + bytes_out) & MASK64
+            w[r + L.R_TTFB_SUM_NS] = (w[r + L.R_TTFB_SUM_NS] + ttfb_ns) & MASK64
+            w[r + L.R_STATUS_CLASSES + (status // 100 if 100 <= status < 600 else 0)] += 1
+            if error_kind:
+                w[r + L.R_ERROR_KINDS + error_kind] += 1
+            w[r + L.ROUTE_HEADER_WORDS + L.bucket_index(duration)] += 1
+            self._dirty[route_id] = 1
 
-        capacity = w[c + L.C_RING_CAPACITY]
-        if capacity == 0 or capacity > self._ring_capacity:
-            capacity = self._ring_capacity
-        slot = w[g + L.G_RING_CURSOR]
-        if slot >= capacity:
-            slot = 0
-        index = w[g + L.G_NEXT_INDEX]
-        rec = self._ring + slot * L.RECORD_WORDS
-        w[rec + L.REC_SEQ] = (2 * index + 1) & MASK64
-        w[rec + L.REC_WALL_NS] = (end_ns + self._mono_offset_ns) & MASK64
-        w[rec + L.REC_DURATION_NS] = duration
-        w[rec + L.REC_BYTES_IN] = bytes_in
-        w[rec + L.REC_BYTES_OUT] = bytes_out
-        w[rec + L.REC_TTFB_NS] = ttfb_ns
-        w[rec + L.REC_PACKED] = L.pack_record_word(
-            route_id, status, error_kind, (L.FLAG_SLOW if slow else 0) | (L.FLAG_ERROR if is_error else 0)
-        )
-        w[rec + L.REC_SEQ] = (2 * index + 2) & MASK64
-        w[g + L.G_RING_CURSOR] = slot + 1
-        w[g + L.G_NEXT_INDEX] = index + 1
+            capacity = w[c + L.C_RING_CAPACITY]
+            if capacity == 0 or capacity > self._ring_capacity:
+                capacity = self._ring_capacity
+            slot = w[g + L.G_RING_CURSOR]
+            if slot >= capacity:
+                slot = 0
+            index = w[g + L.G_NEXT_INDEX]
+            rec = self._ring + slot * L.RECORD_WORDS
+            w[rec + L.REC_SEQ] = (2 * index + 1) & MASK64
+            w[rec + L.REC_WALL_NS] = (end_ns + self._mono_offset_ns) & MASK64
+            w[rec + L.REC_DURATION_NS] = duration
+            w[rec + L.REC_BYTES_IN] = bytes_in
+            w[rec + L.REC_BYTES_OUT] = bytes_out
+            w[rec + L.REC_TTFB_NS] = ttfb_ns
+            w[rec + L.REC_PACKED] = L.pack_record_word(
+                route_id, status, error_kind, (L.FLAG_SLOW if slow else 0) | (L.FLAG_ERROR if is_error else 0)
+            )
+            w[rec + L.REC_SEQ] = (2 * index + 2) & MASK64
+            w[g + L.G_RING_CURSOR] = slot + 1
+            w[g + L.G_NEXT_INDEX] = index + 1
+            w[g + L.G_CONSECUTIVE_ERRORS] = 0
 
-        if timed:
-            spent = time.monotonic_ns() - t0
-            w[g + L.G_OVERHEAD_COUNT] += 1
-            w[g + L.G_OVERHEAD_SUM_NS] = (w[g + L.G_OVERHEAD_SUM_NS] + spent) & MASK64
-            if spent > w[g + L.G_OVERHEAD_MAX_NS]:
-                w[g + L.G_OVERHEAD_MAX_NS] = spent
-            w[g + L.OVERHEAD_HIST + L.bucket_index(spent)] += 1
-            self._dirty[self._slots] = 1
-        w[g + L.G_SEQ] += 1
+            if timed:
+                spent = time.monotonic_ns() - t0
+                w[g + L.G_OVERHEAD_COUNT] += 1
+                w[g + L.G_OVERHEAD_SUM_NS] = (w[g + L.G_OVERHEAD_SUM_NS] + spent) & MASK64
+                if spent > w[g + L.G_OVERHEAD_MAX_NS]:
+                    w[g + L.G_OVERHEAD_MAX_NS] = spent
+                w[g + L.OVERHEAD_HIST + L.bucket_index(spent)] += 1
+                self._dirty[self._slots] = 1
+        finally:
+            # Even if a signal's exception interrupts the update, the counter
+            # must end even: that request may stay half-applied, nothing more.
+            w[g + L.G_SEQ] = seq + 2
 
-        if w[c + L.C_CONSECUTIVE_ERRORS]:
-            w[c + L.C_CONSECUTIVE_ERRORS] = 0
-        if w[c + L.C_PUBLISH_REQUEST] != w[self._pub + L.G_PUBLISH_ACK]:
+        if w[c + L.C_PUBLISH_REQUEST] != self._publish_ack:
             self._publish()
         return slow and bool(w[c + L.C_LOG_SLOW])
 
     def _count(self, word: int) -> None:
         w = self._words
         g = self._live
-        w[g + L.G_SEQ] += 1
-        w[g + word] += 1
-        w[g + L.G_SEQ] += 1
-        if w[self._ctl + L.C_PUBLISH_REQUEST] != w[self._pub + L.G_PUBLISH_ACK]:
+        seq = w[g + L.G_SEQ]  # type: ignore[index]
+        w[g + L.G_SEQ] = seq + 1  # type: ignore[index]
+        try:
+            w[g + word] += 1  # type: ignore[index]
+        finally:
+            w[g + L.G_SEQ] = seq + 2  # type: ignore[index]
+        if w[self._ctl + L.C_PUBLISH_REQUEST] != self._publish_ack:  # type: ignore[index]
             self._publish()
 
     def _publish(self) -> None:
@@ -219,22 +233,27 @@ class RecorderCore:
         buf = w.obj  # type: ignore[union-attr]
         live = self._live * L.WORD
         pub = self._pub * L.WORD
-        w[self._pub + L.G_SEQ] += 1
-        start, end = L.WORD, L.GLOBAL_WORDS * L.WORD
-        buf[pub + start : pub + end] = buf[live + start : live + end]
-        dirty = self._dirty
-        if dirty[self._slots]:
-            start, end = end, end + L.HIST_BUCKETS * L.WORD
+        request = w[self._ctl + L.C_PUBLISH_REQUEST]  # type: ignore[index]
+        seq = w[self._pub + L.G_SEQ]  # type: ignore[index]
+        w[self._pub + L.G_SEQ] = seq + 1  # type: ignore[index]
+        try:
+            start, end = L.WORD, L.GLOBAL_WORDS * L.WORD
             buf[pub + start : pub + end] = buf[live + start : live + end]
-            dirty[self._slots] = 0
-        block = L.ROUTE_BLOCK_WORDS * L.WORD
-        for route_id in range(self._slots):
-            if dirty[route_id]:
-                start = self._layout.route_block(route_id) * L.WORD
-                buf[pub + start : pub + start + block] = buf[live + start : live + start + block]
-                dirty[route_id] = 0
-        w[self._pub + L.G_PUBLISH_ACK] = w[self._ctl + L.C_PUBLISH_REQUEST]
-        w[self._pub + L.G_SEQ] += 1
+            dirty = self._dirty
+            if dirty[self._slots]:
+                start, end = end, end + L.HIST_BUCKETS * L.WORD
+                buf[pub + start : pub + end] = buf[live + start : live + end]
+                dirty[self._slots] = 0
+            block = L.ROUTE_BLOCK_WORDS * L.WORD
+            for route_id in range(self._slots):
+                if dirty[route_id]:
+                    start = (L.ROUTES_START + route_id * L.ROUTE_BLOCK_WORDS) * L.WORD
+                    buf[pub + start : pub + start + block] = buf[live + start : live + start + block]
+                    dirty[route_id] = 0
+            w[self._pub + L.G_PUBLISH_ACK] = request  # type: ignore[index]
+            self._publish_ack = request
+        finally:
+            w[self._pub + L.G_SEQ] = seq + 2  # type: ignore[index]
 
     # -- errors -------------------------------------------------------------
 
@@ -249,17 +268,34 @@ class RecorderCore:
         if w is None:
             return
         c = self._ctl
-        self._count(L.G_INTERNAL_ERRORS)
-        errors = w[c + L.C_CONSECUTIVE_ERRORS] + 1
-        w[c + L.C_CONSECUTIVE_ERRORS] = errors
-        if errors > MAX_CONSECUTIVE_ERRORS and w[c + L.C_AUTO_DISABLE_ON_ERROR] and not w[c + L.C_AUTO_DISABLED]:
+        g = self._live
+        disable = False
+        seq = w[g + L.G_SEQ]
+        w[g + L.G_SEQ] = seq + 1
+        try:
+            w[g + L.G_INTERNAL_ERRORS] += 1
+            if w[c + L.C_RESET_ERRORS_REQUEST] != w[g + L.G_RESET_ACK]:
+                w[g + L.G_RESET_ACK] = w[c + L.C_RESET_ERRORS_REQUEST]
+                w[g + L.G_CONSECUTIVE_ERRORS] = 0
+            w[g + L.G_CONSECUTIVE_ERRORS] += 1
+            disable = bool(
+                w[g + L.G_CONSECUTIVE_ERRORS] > L.MAX_CONSECUTIVE_ERRORS
+                and w[c + L.C_AUTO_DISABLE_ON_ERROR]
+                and not w[c + L.C_AUTO_DISABLED]
+            )
+            if disable:
+                w[g + L.G_AUTO_DISABLE_EVENTS] += 1
+        finally:
+            w[g + L.G_SEQ] = seq + 2
+        if disable:
             w[c + L.C_AUTO_DISABLED] = 1
-            self._count(L.G_AUTO_DISABLE_EVENTS)
+        if w[c + L.C_PUBLISH_REQUEST] != self._publish_ack:
+            self._publish()
         if not w[c + L.C_GRACEFUL]:
             raise exc
 
     def _log_slow(self, route_id: int, duration_ns: int, status: int, now_ns: int) -> None:
-        if now_ns - self._last_slow_log_ns < SLOW_LOG_INTERVAL_NS:
+        if now_ns - self._last_slow_log_ns < L.SLOW_LOG_INTERVAL_NS:
             self._slow_suppressed += 1
             return
         suppressed, self._slow_suppressed = self._slow_suppressed, 0

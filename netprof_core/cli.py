@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .config import ConfigError, load_profiling_config
 from .reader import RouteStats, SegmentSnapshot, merge_routes, read_segments
 
-__all__ = ("main", "format_duration", "route_table")
+__all__ = ("build_parser", "cmd_stats", "format_duration", "main", "route_table")
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -85,6 +85,8 @@ def _summary(snapshots: Sequence[SegmentSnapshot]) -> str:
 def _stats_json(snapshots: Sequence[SegmentSnapshot]) -> str:
     routes = []
     for (app, key), route in sorted(merge_routes(snapshots).items(), key=lambda item: -item[1].count):
+        if not route.count:
+            continue
         hist = route.histogram
         routes.append(
             {

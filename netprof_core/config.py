@@ -89,7 +89,7 @@ class ProfilingConfig:
         True, "Measure netprof's overhead (network_profiling_overhead_ms)"
     )
     max_memory_mb: float = _key(
-        # Below 0.25 MiB not even the smallest segment (16 records, 1 route) fits.
+        # The smallest segment (16 records, 1 route) takes about 0.1 MiB.
         10.0, "Memory cap for one process's segment, in MiB", lo=0.25, hi=4096
     )
     auto_disable_on_error: bool = _key(True, "Stop recording after > 3 consecutive internal errors")
@@ -97,7 +97,8 @@ class ProfilingConfig:
     segment_dir: str = _key(
         "/dev/shm/netprof",
         "Directory of the shared-memory segments (app and daemon must agree)",
-        pattern_hint="a non-empty directory path",
+        pattern=re.compile(r"[^\x00]+"),
+        pattern_hint="a non-empty directory path without NUL bytes",
     )
     app_name: str = _key(
         _default_app_name,

@@ -3,6 +3,7 @@ process itself, by netprofd or by the CLI."""
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
@@ -12,9 +13,9 @@ from . import _layout as L
 from .config import ProfilingConfig
 from .segment import SegmentHeader, map_segment
 
-__all__ = ("ControlState", "SegmentControl", "initial_control")
+__all__ = ("ControlState", "SegmentControl", "initial_control", "read_control_words")
 
-_U64 = struct.Struct("<Q")
+_U64 = L.U64
 MAX_RETENTION_SECONDS = 100_000 * 3600.0  # as the config's retention_hours
 _CONTROL = struct.Struct(f"<{L.CONTROL_WORDS}Q")
 
@@ -33,7 +34,6 @@ class ControlState:
     ring_capacity: int
     retention_seconds: float  # 0: no age limit
     clean_floor: int
-    consecutive_errors: int
 
     @property
     def recording(self) -> bool:
@@ -42,7 +42,10 @@ class ControlState:
 
     @classmethod
     def from_buffer(cls, buf: object) -> ControlState:
-        w = _CONTROL.unpack_from(buf, L.CONTROL_OFFSET)  # type: ignore[arg-type]
+        return cls.from_words(read_control_words(buf))
+
+    @classmethod
+    def from_words(cls, w: tuple[int, ...]) -> ControlState:
         return cls(
             enabled=bool(w[L.C_ENABLED]),
             feature_flag_enabled=bool(w[L.C_FEATURE_FLAG]),
@@ -56,8 +59,21 @@ class ControlState:
             ring_capacity=w[L.C_RING_CAPACITY],
             retention_seconds=w[L.C_RETENTION_NS] / 1e9,
             clean_floor=w[L.C_CLEAN_FLOOR],
-            consecutive_errors=w[L.C_CONSECUTIVE_ERRORS],
         )
+
+
+def read_control_words(buf: object) -> tuple[int, ...]:
+    return _CONTROL.unpack_from(buf, L.CONTROL_OFFSET)  # type: ignore[arg-type, no-any-return]
+
+
+# A request word holds a token unique to its writer (pid and a count), never
+# a read-modify-write of the previous value: two readers asking at once cannot
+# write a value the writer has already answered.
+_request_counter = itertools.count(1)
+
+
+def _request_token() -> int:
+    return (os.getpid() << 32) | (next(_request_counter) & 0xFFFFFFFF)
 
 
 def _sample_threshold(rate: float) -> int:
@@ -81,8 +97,9 @@ def initial_control(config: ProfilingConfig, ring_capacity: int) -> dict[int, in
 
 
 class SegmentControl:
-    """Writes one segment's control block. Every setter is one aligned 8-byte
-    store, which the recorder picks up on its next request."""
+    """Writes one segment's control block; the recorder picks each setting up
+    on its next request. Each word is written with one aligned 8-byte store
+    (``struct`` packs a native "<Q" with a single store on little-endian hosts)."""
 
     def __init__(self, buf: mmap.mmap, header: SegmentHeader) -> None:
         self._buf = buf
@@ -105,9 +122,6 @@ class SegmentControl:
     def _set(self, word: int, value: int) -> None:
         _U64.pack_into(self._buf, L.CONTROL_OFFSET + word * L.WORD, value)
 
-    def _get(self, word: int) -> int:
-        return _U64.unpack_from(self._buf, L.CONTROL_OFFSET + word * L.WORD)[0]  # type: ignore[no-any-return]
-
     def state(self) -> ControlState:
         return ControlState.from_buffer(self._buf)
 
@@ -119,14 +133,19 @@ class SegmentControl:
     def disable(self) -> None:
         self._set(L.C_ENABLED, 0)
 
+    def _set_flag(self, word: int, name: str, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ValueError(f"{name} must be true or false, got {on!r}")
+        self._set(word, int(on))
+
     def set_feature_flag(self, on: bool) -> None:
-        self._set(L.C_FEATURE_FLAG, int(on))
+        self._set_flag(L.C_FEATURE_FLAG, "feature_flag_enabled", on)
 
     def set_log_slow_requests(self, on: bool) -> None:
-        self._set(L.C_LOG_SLOW, int(on))
+        self._set_flag(L.C_LOG_SLOW, "log_slow_requests", on)
 
     def set_performance_monitoring(self, on: bool) -> None:
-        self._set(L.C_PERF_MONITORING, int(on))
+        self._set_flag(L.C_PERF_MONITORING, "performance_monitoring", on)
 
     def set_sample_rate(self, rate: float) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
@@ -134,7 +153,7 @@ class SegmentControl:
         self._set(L.C_SAMPLE_THRESHOLD, _sample_threshold(rate))
 
     def set_slow_request_threshold(self, seconds: float) -> None:
-        if not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
             raise ValueError(f"slow_request_threshold must be more than 0 and at most 3600 seconds, got {seconds!r}")
         self._set(L.C_SLOW_NS, round(seconds * 1e9))
 
@@ -163,12 +182,11 @@ class SegmentControl:
         self._set(L.C_CLEAN_FLOOR, next_index)
 
     def reset_errors(self) -> None:
-        """Clear the consecutive-error count and the auto-disabled state."""
-        self._set(L.C_CONSECUTIVE_ERRORS, 0)
+        """Clear the auto-disabled state now, and the consecutive-error count
+        when the recorder next counts an error."""
+        self._set(L.C_RESET_ERRORS_REQUEST, _request_token())
         self._set(L.C_AUTO_DISABLED, 0)
 
-    def request_publish(self) -> int:
-        """Ask the writer to copy its statistics to the published area; returns the request."""
-        request = self._get(L.C_PUBLISH_REQUEST) + 1
-        self._set(L.C_PUBLISH_REQUEST, request)
-        return request
+    def request_publish(self) -> None:
+        """Ask the writer to copy its statistics to the published area."""
+        self._set(L.C_PUBLISH_REQUEST, _request_token())

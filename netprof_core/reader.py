@@ -8,6 +8,7 @@ its own sequence word.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import time
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from . import _layout as L
-from .control import ControlState, SegmentControl
+from .control import ControlState, SegmentControl, read_control_words
 from .histogram import Histogram
 from .segment import SegmentError, SegmentHeader, map_segment, process_alive, segment_paths
 from .log import segment_logger
@@ -116,6 +117,7 @@ class Counters:
     overhead_count: int
     overhead_sum_ns: int
     overhead_max_ns: int
+    consecutive_errors: int
     overhead_histogram: Histogram = field(compare=False)
 
     @property
@@ -132,7 +134,11 @@ class SegmentSnapshot:
     routes: tuple[RouteStats, ...]
     records: tuple[RequestRecord, ...]  # oldest first
     taken_ns: int
-    source: str  # "live", "published", or "final" (the writer is gone)
+    # "live" or "published" (the area the copy came from), or "final": the
+    # writer has ended (closed its segment, or was found dead).
+    source: str
+    # False when the writer died inside an update: one request may be half-applied.
+    complete: bool = True
 
     @property
     def app_name(self) -> str:
@@ -147,17 +153,19 @@ class SegmentReader:
     """Snapshots one segment, keeping it mapped between snapshots.
 
     Maps the file writable when it may, so that it can ask a busy writer to
-    publish; read-only otherwise (then a busy writer is waited out).
+    publish; read-only otherwise, and then a writer that never pauses makes
+    :meth:`snapshot` raise SegmentBusy after its timeout.
     """
 
     def __init__(
         self, path: str | os.PathLike[str], *, mapped: tuple[mmap.mmap, SegmentHeader] | None = None
     ) -> None:
-        """``mapped``: a buffer and header the caller already holds (and closes)."""
+        """``mapped``: a buffer and header the caller already holds, and closes."""
         self.path = os.fspath(path)
+        self._owns_buffer = mapped is None
         if mapped is not None:
             self._buf, self.header = mapped
-            self._control = SegmentControl(self._buf, self.header)
+            self._control: SegmentControl | None = SegmentControl(self._buf, self.header)
         else:
             self._map(path)
         self.layout = self.header.layout
@@ -165,15 +173,16 @@ class SegmentReader:
     def _map(self, path: str | os.PathLike[str]) -> None:
         try:
             self._buf, self.header = map_segment(path, writable=True)
-            self._control: SegmentControl | None = SegmentControl(self._buf, self.header)
+            self._control = SegmentControl(self._buf, self.header)
         except SegmentError as exc:
-            if "cannot open" not in exc.reason:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             self._buf, self.header = map_segment(path)
             self._control = None
 
     def close(self) -> None:
-        self._buf.close()
+        if self._owns_buffer:
+            self._buf.close()
 
     def __enter__(self) -> SegmentReader:
         return self
@@ -182,18 +191,23 @@ class SegmentReader:
         self.close()
 
     def snapshot(self, *, records: bool = True, timeout: float = 1.0, now_ns: int | None = None) -> SegmentSnapshot:
-        stats, source = self._consistent_stats(timeout)
+        stats, source, complete = self._consistent_stats(timeout)
         words = memoryview(stats).cast("Q")
         buf = self._buf
         header = self.header
-        closed_ns = L.struct.unpack_from("<Q", buf, L.CLOSED_NS_OFFSET)[0]
+        closed_ns = self._word(L.CLOSED_NS_OFFSET)
         if closed_ns != header.closed_ns:
             header = replace(header, closed_ns=closed_ns)
-        control = ControlState.from_buffer(buf)
+        if closed_ns:
+            source = "final"
+        control_words = read_control_words(buf)
+        control = ControlState.from_words(control_words)
         # Read the route table after the statistics: a route that has counts was
         # interned before them, so its name is there.
         route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
-        keys = [self._route_key(route_id) for route_id in range(min(route_count, self.layout.route_slots))]
+        if not 1 <= route_count <= self.layout.route_slots:
+            raise SegmentError(self.path, f"corrupt route table: {route_count} routes in {self.layout.route_slots} slots")
+        keys = [self._route_key(route_id) for route_id in range(route_count)]
         routes = tuple(
             _route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys)
         )
@@ -207,11 +221,15 @@ class SegmentReader:
             overhead_count=words[L.G_OVERHEAD_COUNT],
             overhead_sum_ns=words[L.G_OVERHEAD_SUM_NS],
             overhead_max_ns=words[L.G_OVERHEAD_MAX_NS],
+            # A pending reset clears the count at the next error; it counts as done.
+            consecutive_errors=0
+            if control_words[L.C_RESET_ERRORS_REQUEST] != words[L.G_RESET_ACK]
+            else words[L.G_CONSECUTIVE_ERRORS],
             overhead_histogram=_histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS]),
         )
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(words[L.G_NEXT_INDEX], control, keys, now) if records else ()
-        return SegmentSnapshot(self.path, header, control, counters, routes, found, now, source)
+        return SegmentSnapshot(self.path, header, control, counters, routes, found, now, source, complete)
 
     def _route_key(self, route_id: int) -> RouteKey:
         direction, method, template = L.ROUTE_NAME_STRUCT.unpack_from(
@@ -234,29 +252,35 @@ class SegmentReader:
         return data if self._word(offset) == seq_before else None
 
     def _word(self, offset: int) -> int:
-        return L.struct.unpack_from("<Q", self._buf, offset)[0]  # type: ignore[no-any-return]
+        return L.U64.unpack_from(self._buf, offset)[0]  # type: ignore[no-any-return]
 
-    def _consistent_stats(self, timeout: float) -> tuple[bytes, str]:
+    def _consistent_stats(self, timeout: float) -> tuple[bytes, str, bool]:
+        """A consistent copy of the statistics, where it came from, and whether
+        it is complete."""
         live = self.layout.live_offset
         for _ in range(LIVE_ATTEMPTS):
             data = self._copy_stats(live)
             if data is not None:
-                return data, "live"
+                return data, "live", True
         if not process_alive(self.header.pid, self.header.start_ticks):
-            # The writer died, perhaps inside a record: take what it left.
-            return self._buf[live : live + self.layout.stats_size], "final"
-        deadline = time.monotonic() + timeout
-        request = self._control.request_publish() if self._control is not None else None
+            # The writer died; an odd counter means inside an update.
+            seq = self._word(live)
+            return self._buf[live : live + self.layout.stats_size], "final", not seq & 1
         published = self.layout.published_offset
+        published_before = self._word(published)
+        if self._control is not None:
+            self._control.request_publish()
+        deadline = time.monotonic() + timeout
         pause = 20e-6
         while time.monotonic() < deadline:
-            if request is not None and self._word(published + L.G_PUBLISH_ACK * L.WORD) >= request:
+            # Any publish completed since the request is recent enough.
+            if self._word(published) > published_before:
                 data = self._copy_stats(published)
                 if data is not None:
-                    return data, "published"
+                    return data, "published", True
             data = self._copy_stats(live)
             if data is not None:
-                return data, "live"
+                return data, "live", True
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
         raise SegmentBusy(self.path, f"no consistent copy within {timeout} s (writer busy)")
@@ -282,7 +306,7 @@ class SegmentReader:
             after = memoryview(self._buf[start:end]).cast("Q")
             for at in range(0, slots * L.RECORD_WORDS, L.RECORD_WORDS):
                 seq = before[at]
-                if seq == 0 or seq & 1 or after[at] != seq or data[at] != seq:
+                if seq == 0 or seq & 1 or after[at] != seq:
                     continue
                 index = seq // 2 - 1
                 if not lowest <= index < next_index:
@@ -348,9 +372,10 @@ def read_segments(
         try:
             snapshots.append(read_segment(path, records=records, timeout=timeout))
         except SegmentError as exc:
-            segment_logger.warning("skipping segment: %s", exc)
-        except FileNotFoundError:  # the process ended and the segment was removed
-            segment_logger.debug("segment %s went away", path)
+            if exc.errno == errno.ENOENT:  # the process ended and its segment was removed
+                segment_logger.debug("segment %s went away", path)
+            else:
+                segment_logger.warning("skipping segment: %s", exc)
         except OSError as exc:
             segment_logger.warning("skipping segment %s: %s", path, exc)
     return snapshots

@@ -15,13 +15,12 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _layout as L
-from ._recorder import core_module
-from ._recorder_py import seed_for
+from ._recorder import core_module, implementation_of
 from .config import ProfilingConfig, load_profiling_config
-from .control import SegmentControl, initial_control
+from .control import SegmentControl, initial_control, read_control_words
 from .log import recorder_logger
 from .reader import SegmentReader, SegmentSnapshot
 from .segment import SegmentHeader, create_segment, format_segment, mark_closed, parse_header, remove_stale_segments, write_route_name
@@ -42,12 +41,13 @@ class Recorder:
 
     ``record(route_id, status, start_ns, end_ns, bytes_in=0, bytes_out=0,
     error_kind=0, ttfb_ns=0)`` is the hot path: plain ints, times from
-    ``time.monotonic_ns()``, ``route_id`` from :meth:`route_id`. It never raises
-    while ``graceful_degradation`` is on: a bad call is counted as an internal
-    error. Each process gets its own segment, a forked child too.
+    ``time.monotonic_ns()``, ``route_id`` from :meth:`route_id`. Called with
+    those arguments it never raises while ``graceful_degradation`` is on: a bad
+    value is counted as an internal error. Each process gets its own segment, a
+    forked child too.
     """
 
-    record: Callable[..., None]
+    record: RecordCall
 
     def __init__(
         self,
@@ -58,7 +58,7 @@ class Recorder:
     ) -> None:
         self.config = config if config is not None else load_profiling_config()
         self._core_class = core_module(implementation).RecorderCore
-        self.implementation = "cython" if self._core_class.__module__.endswith("_c") else "python"
+        self.implementation = implementation_of(self._core_class)
         budget = int(self.config.max_memory_mb * 2**20)
         self._requested = (self.config.max_stored_requests, self.config.max_routes)
         self.layout, self._shrinks = L.SegmentLayout.fitting(*self._requested, budget)
@@ -101,7 +101,7 @@ class Recorder:
                 route_names=self._route_names,
                 created_ns=created_ns,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a path the OS cannot take
             if not self.config.graceful_degradation:
                 raise
             # Profile in private memory: this process still sees its own
@@ -134,7 +134,8 @@ class Recorder:
         return buf
 
     def _seed(self) -> int:
-        return seed_for(self.header.pid, self.header.created_ns)
+        """The sampling generator's seed; never 0, which xorshift cannot leave."""
+        return ((self.header.pid << 32) ^ self.header.created_ns ^ 0x9E3779B97F4A7C15) & (2**64 - 1) or 1
 
     def _sync_route_table(self) -> None:
         L.ROUTE_TABLE_STRUCT.pack_into(self._buf, L.ROUTES_OFFSET, len(self._route_names), self._overflowed)
@@ -145,6 +146,8 @@ class Recorder:
         """The id of a route (interned once; call it once per route, not per
         request). When the table is full, new routes share the overflow route 0."""
         try:
+            if direction is not L.Direction.INBOUND and direction is not L.Direction.OUTBOUND:
+                direction = _checked_direction(direction)
             key = (direction, method, template)
             route = self._route_ids.get(key)
             if route is not None:
@@ -156,9 +159,6 @@ class Recorder:
 
     def _intern(self, key: tuple[int, str, str]) -> int:
         direction, method, template = key
-        if not isinstance(direction, int) or isinstance(direction, bool) or direction not in (0, 1):
-            raise ValueError(f"direction must be Direction.INBOUND or OUTBOUND, got {direction!r}")
-        direction = L.Direction(direction)
         if not isinstance(method, str) or not isinstance(template, str):
             raise TypeError(f"method and template must be str, got {method!r}, {template!r}")
         with self._intern_lock:
@@ -203,7 +203,7 @@ class Recorder:
     # -- conveniences -----------------------------------------------------------
 
     def measure(
-        self, template: str, method: str = "GET", direction: int = L.Direction.INBOUND
+        self, template: str, method: str = "GET", direction: int = L.Direction.OUTBOUND
     ) -> Measurement:
         """Time a block as one request of a route::
 
@@ -221,18 +221,19 @@ class Recorder:
         """Decorate a function (sync or async) so every call is recorded as a request."""
 
         def decorate(func: F) -> F:
+            route_id = self.route_id(template, method, direction)
             if inspect.iscoroutinefunction(func):
 
                 @functools.wraps(func)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    with self.measure(template, method, direction):
+                    with Measurement(self, route_id):
                         return await func(*args, **kwargs)
 
                 return async_wrapper  # type: ignore[return-value]
 
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                with self.measure(template, method, direction):
+                with Measurement(self, route_id):
                     return func(*args, **kwargs)
 
             return wrapper  # type: ignore[return-value]
@@ -251,7 +252,7 @@ class Recorder:
         removes it. ``remove=True`` removes it now (tests, demos)."""
         if self._buf.closed:
             return
-        self.record = _record_nothing
+        self.record = _record_nothing  # type: ignore[assignment]
         self._core.release()
         if os.getpid() == self._pid:
             mark_closed(self._buf)
@@ -270,8 +271,9 @@ class Recorder:
         """A forked child writes its own segment: same routes, same settings, zero counts."""
         self._core.reset_lock()
         self._intern_lock = threading.Lock()
-        control = {word: value for word, value in _control_words(self._buf).items()}
-        control[L.C_CLEAN_FLOOR] = control[L.C_PUBLISH_REQUEST] = control[L.C_CONSECUTIVE_ERRORS] = 0
+        control = dict(enumerate(read_control_words(self._buf)))
+        control[L.C_CLEAN_FLOOR] = control[L.C_PUBLISH_REQUEST] = control[L.C_RESET_ERRORS_REQUEST] = 0
+        self._overflowed = 0  # the parent's segment counts its own
         parent_buf = self._buf
         self._core.release()
         self._open_segment(control)
@@ -313,8 +315,9 @@ class Measurement:
         error_kind = self.error_kind
         if exc_type is not None and not error_kind:
             error_kind = L.ErrorKind.EXCEPTION
+        # Passed as set: the core refuses (and counts) what is not an int.
         self._recorder.record(
-            self.route_id, self.status, self.start_ns, end_ns, self.bytes_in, self.bytes_out, int(error_kind)
+            self.route_id, self.status, self.start_ns, end_ns, self.bytes_in, self.bytes_out, error_kind
         )
 
 
@@ -322,9 +325,24 @@ def _record_nothing(*args: object, **kwargs: object) -> None:
     return None
 
 
-def _control_words(buf: mmap.mmap) -> dict[int, int]:
-    values = L.struct.unpack_from(f"<{L.CONTROL_WORDS}Q", buf, L.CONTROL_OFFSET)
-    return dict(enumerate(values))
+def _checked_direction(direction: object) -> L.Direction:
+    if isinstance(direction, int) and not isinstance(direction, bool) and direction in (0, 1):
+        return L.Direction(direction)
+    raise ValueError(f"direction must be Direction.INBOUND or OUTBOUND, got {direction!r}")
+
+
+class RecordCall(Protocol):
+    def __call__(
+        self,
+        route_id: int,
+        status: int,
+        start_ns: int,
+        end_ns: int,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        error_kind: int = 0,
+        ttfb_ns: int = 0,
+    ) -> None: ...
 
 
 def _install_process_hooks() -> None:

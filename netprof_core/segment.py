@@ -43,10 +43,11 @@ _sequence = itertools.count()
 class SegmentError(Exception):
     """A file that is not a segment netprof can read: named, with the reason."""
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str, errno: int | None = None) -> None:
         super().__init__(f"{os.fspath(path)}: {reason}")
         self.path = os.fspath(path)
         self.reason = reason
+        self.errno = errno  # set when the file could not be opened
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +103,12 @@ def parse_header(
     size = len(buf) if file_size is None else file_size
     if size < layout.total_size:
         raise SegmentError(path, f"truncated: {size} of {layout.total_size} bytes")
-    (closed_ns,) = _U64.unpack_from(buf, L.CLOSED_NS_OFFSET)
+    (closed_ns,) = L.U64.unpack_from(buf, L.CLOSED_NS_OFFSET)
     del values["magic"], values["header_size"], values["hist_buckets"]
     values["app_name"] = values["app_name"].rstrip(b"\0").decode("utf-8", "replace")
     return SegmentHeader(closed_ns=closed_ns, **values)
 
 
-_U64 = L.struct.Struct("<Q")
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -124,7 +124,16 @@ def process_start_ticks(pid: int) -> int | None:
 
 
 def process_alive(pid: int, start_ticks: int) -> bool:
-    """True if ``pid`` still names the process that started at ``start_ticks``."""
+    """True if ``pid`` still names the process that started at ``start_ticks``
+    (0: not known, when /proc was not there; then any process with that pid counts)."""
+    if start_ticks == 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     return process_start_ticks(pid) == start_ticks
 
 
@@ -141,7 +150,9 @@ def create_segment(
     """Make, map and format a new segment file for this process (``contents``
     as for :func:`format_segment`)."""
     directory = Path(directory)
-    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(DIRECTORY_MODE)  # mkdir's mode is narrowed by the umask
     pid = os.getpid()
     ticks = process_start_ticks(pid) or 0
     path = directory / f"{_safe_name(app_name)}-{pid}-{ticks}-{next(_sequence)}{L.SEGMENT_SUFFIX}"
@@ -150,7 +161,7 @@ def create_segment(
         os.fchmod(fd, SEGMENT_MODE)  # the umask must not widen or narrow it
         os.ftruncate(fd, layout.total_size)
         buf = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        format_segment(buf, app_name, layout, **contents)
+        format_segment(buf, app_name, layout, start_ticks=ticks, **contents)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -169,12 +180,13 @@ def format_segment(
     control: Mapping[int, int],
     route_names: Sequence[tuple[int, str, str]] = (),
     created_ns: int | None = None,
+    start_ticks: int | None = None,
 ) -> None:
     """Write a new segment's header, control block and route table into a
     zeroed buffer. The magic is written last, so a reader never takes a
     half-made file for a segment."""
     for word, value in control.items():
-        _U64.pack_into(buf, L.CONTROL_OFFSET + word * L.WORD, value)
+        L.U64.pack_into(buf, L.CONTROL_OFFSET + word * L.WORD, value)
     write_route_name(buf, layout, L.OVERFLOW_ROUTE_ID, L.Direction.INBOUND, "", L.OVERFLOW_TEMPLATE)
     for route_id, (direction, method, template) in enumerate(route_names[1:], start=1):
         write_route_name(buf, layout, route_id, direction, method, template)
@@ -189,7 +201,7 @@ def format_segment(
         L.HEADER_SIZE,
         layout.total_size,
         pid,
-        process_start_ticks(pid) or 0,
+        (process_start_ticks(pid) or 0) if start_ticks is None else start_ticks,
         now,
         time.time_ns() - time.monotonic_ns(),
         layout.ring_capacity,
@@ -210,7 +222,7 @@ def write_route_name(
         buf,
         layout.route_name_offset(route_id),
         direction,
-        method.encode()[:12],
+        _truncate_utf8(method, 12),
         _truncate_utf8(template, 112),
     )
 
@@ -223,16 +235,17 @@ def _truncate_utf8(text: str, limit: int) -> bytes:
 
 
 def mark_closed(buf: mmap.mmap) -> None:
-    _U64.pack_into(buf, L.CLOSED_NS_OFFSET, time.time_ns())
+    L.U64.pack_into(buf, L.CLOSED_NS_OFFSET, time.time_ns())
 
 
 def map_segment(path: str | os.PathLike[str], *, writable: bool = False) -> tuple[mmap.mmap, SegmentHeader]:
     """Map an existing segment and validate its header; SegmentError if it is not one."""
-    flags = os.O_RDWR if writable else os.O_RDONLY
+    # O_NONBLOCK: a FIFO named like a segment must not hang the caller.
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise SegmentError(path, f"cannot open: {exc.strerror}") from exc
+        raise SegmentError(path, f"cannot open: {exc.strerror}", exc.errno) from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -287,9 +300,14 @@ def remove_stale_segments(
     now = time.time_ns()
     for path in segment_paths(directory):
         try:
-            with open(path, "rb") as file:
-                info = os.fstat(file.fileno())
-                header = parse_header(file.read(L.HEADER_SIZE), path, file_size=info.st_size)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                header = parse_header(os.pread(fd, L.HEADER_SIZE, 0), path, file_size=info.st_size)
+            finally:
+                os.close(fd)
         except (OSError, SegmentError):
             continue  # a foreign or half-made file is not ours to delete
         if header.closed:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from netprof_core import ProfilingConfig, Recorder, read_segment
+from netprof_core import Direction, ProfilingConfig, Recorder, read_segment
 from netprof_core import _layout as L
 from netprof_core.segment import (
     STALE_AFTER_SECONDS,
@@ -465,7 +465,7 @@ def test_unwritable_segment_dir_falls_back_to_private_memory(
     rid = rec.route_id("/private")
     for _ in range(3):
         rec.record(rid, 200, T0, T0 + 100)
-    with rec.measure("/private"):
+    with rec.measure("/private", "GET", Direction.INBOUND):
         pass
     snap = rec.snapshot()
     assert snap.counters.requests == 4

@@ -334,9 +334,9 @@ def test_a_good_call_resets_the_consecutive_count(make_recorder: MakeRecorder) -
     rid = rec.route_id("/x")
     for _ in range(3):
         bad_call(rec, rid)
-    assert rec.snapshot().control.consecutive_errors == 3
+    assert rec.snapshot().counters.consecutive_errors == 3
     good_call(rec, rid)
-    assert rec.snapshot().control.consecutive_errors == 0
+    assert rec.snapshot().counters.consecutive_errors == 0
     for _ in range(3):
         bad_call(rec, rid)
     good_call(rec, rid)
@@ -356,8 +356,9 @@ def test_reset_errors_and_enable_lift_the_auto_disable(make_recorder: MakeRecord
     assert rec.snapshot().control.auto_disabled
 
     getattr(rec.control, lift)()
-    state = rec.snapshot().control
-    assert not state.auto_disabled and state.consecutive_errors == 0 and state.recording
+    snapshot = rec.snapshot()
+    state = snapshot.control
+    assert not state.auto_disabled and snapshot.counters.consecutive_errors == 0 and state.recording
 
     good_call(rec, rid)
     assert counters(rec).requests == 1
