@@ -4,7 +4,6 @@ core and once against its pure-Python twin."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any

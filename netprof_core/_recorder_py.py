@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import _layout as L
 
@@ -230,7 +231,7 @@ class RecorderCore:
     def _publish(self) -> None:
         """Copy what changed since the last copy into the published area."""
         w = self._words
-        buf = w.obj  # type: ignore[union-attr]
+        buf: Any = w.obj  # type: ignore[union-attr]
         live = self._live * L.WORD
         pub = self._pub * L.WORD
         request = w[self._ctl + L.C_PUBLISH_REQUEST]  # type: ignore[index]

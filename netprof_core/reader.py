@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from . import _layout as L
 from .control import ControlState, SegmentControl, read_control_words
 from .histogram import Histogram
-from .segment import SegmentError, SegmentHeader, map_segment, process_alive, segment_paths
 from .log import segment_logger
+from .segment import SegmentError, SegmentHeader, map_segment, process_alive, segment_paths
 
 __all__ = (
     "Counters",

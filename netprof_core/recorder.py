@@ -23,7 +23,15 @@ from .config import ProfilingConfig, load_profiling_config
 from .control import SegmentControl, initial_control, read_control_words
 from .log import recorder_logger
 from .reader import SegmentReader, SegmentSnapshot
-from .segment import SegmentHeader, create_segment, format_segment, mark_closed, parse_header, remove_stale_segments, write_route_name
+from .segment import (
+    SegmentHeader,
+    create_segment,
+    format_segment,
+    mark_closed,
+    parse_header,
+    remove_stale_segments,
+    write_route_name,
+)
 
 __all__ = ("Measurement", "Recorder")
 
@@ -90,17 +98,16 @@ class Recorder:
             recorder_logger.debug("stale segment cleanup skipped: %s", exc)
 
     def _open_segment(self, control: dict[int, int], created_ns: int | None = None) -> None:
+        contents: dict[str, Any] = {
+            "requested": self._requested,
+            "memory_shrinks": self._shrinks,
+            "control": control,
+            "route_names": self._route_names,
+            "created_ns": created_ns,
+        }
+        path: Path | None
         try:
-            path, buf = create_segment(
-                self.config.segment_dir,
-                self.config.app_name,
-                self.layout,
-                requested=self._requested,
-                memory_shrinks=self._shrinks,
-                control=control,
-                route_names=self._route_names,
-                created_ns=created_ns,
-            )
+            path, buf = create_segment(self.config.segment_dir, self.config.app_name, self.layout, **contents)
         except (OSError, ValueError) as exc:  # ValueError: a path the OS cannot take
             if not self.config.graceful_degradation:
                 raise
@@ -111,27 +118,14 @@ class Recorder:
                 self.config.segment_dir,
                 exc,
             )
-            path, buf = None, self._private_segment(control, created_ns)
-        self.path: Path | None = path
+            path, buf = None, mmap.mmap(-1, self.layout.total_size)
+            format_segment(buf, self.config.app_name, self.layout, **contents)
+        self.path = path
         self._buf: mmap.mmap = buf
         self._pid = os.getpid()
         self.header = parse_header(buf, path or "<private>")
         self.control = SegmentControl(buf, self.header)
         self._sync_route_table()
-
-    def _private_segment(self, control: dict[int, int], created_ns: int | None) -> mmap.mmap:
-        buf = mmap.mmap(-1, self.layout.total_size)
-        format_segment(
-            buf,
-            self.config.app_name,
-            self.layout,
-            requested=self._requested,
-            memory_shrinks=self._shrinks,
-            control=control,
-            route_names=self._route_names,
-            created_ns=created_ns,
-        )
-        return buf
 
     def _seed(self) -> int:
         """The sampling generator's seed; never 0, which xorshift cannot leave."""
@@ -293,7 +287,7 @@ class Measurement:
     """One timed request; set ``status``, ``bytes_in``, ``bytes_out`` or
     ``error_kind`` inside the block."""
 
-    __slots__ = ("_recorder", "route_id", "status", "bytes_in", "bytes_out", "error_kind", "start_ns")
+    __slots__ = ("_recorder", "bytes_in", "bytes_out", "error_kind", "route_id", "start_ns", "status")
 
     def __init__(self, recorder: Recorder, route_id: int) -> None:
         self._recorder = recorder

@@ -11,9 +11,9 @@ import re
 import stat
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import _layout as L
 from .log import segment_logger
@@ -22,8 +22,8 @@ __all__ = (
     "SegmentError",
     "SegmentHeader",
     "create_segment",
-    "format_segment",
     "daemon_running",
+    "format_segment",
     "map_segment",
     "parse_header",
     "process_alive",
