@@ -9,6 +9,7 @@ from ._recorder import IMPLEMENTATION
 from .config import ConfigError, ProfilingConfig, load_profiling_config
 from .control import ControlState, SegmentControl
 from .histogram import Histogram
+from .hooks import get_recorder
 from .reader import (
     RequestRecord,
     RouteKey,
@@ -44,6 +45,7 @@ __all__ = (
     "SegmentReader",
     "SegmentSnapshot",
     "__version__",
+    "get_recorder",
     "load_profiling_config",
     "merge_routes",
     "read_segment",

@@ -31,6 +31,7 @@ PUBLIC_NAMES = {
     "SegmentReader",
     "SegmentSnapshot",
     "__version__",
+    "get_recorder",
     "load_profiling_config",
     "merge_routes",
     "read_segment",
@@ -42,14 +43,17 @@ MODULES = [
     "netprof_core._layout",
     "netprof_core._recorder",
     "netprof_core._recorder_py",
+    "netprof_core.asgi",
     "netprof_core.cli",
     "netprof_core.config",
     "netprof_core.control",
     "netprof_core.histogram",
+    "netprof_core.hooks",
     "netprof_core.log",
     "netprof_core.reader",
     "netprof_core.recorder",
     "netprof_core.segment",
+    "netprof_core.wsgi",
 ]
 
 
