@@ -95,7 +95,11 @@ class NetProfMiddleware:
                 state[4] = not message.get("more_body", False)
             elif kind == "http.response.start":
                 state[0] = message["status"]
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4: the client went away (frameworks may wrap it)
+                state[5] = _CLIENT_DISCONNECT
+                raise
 
         try:
             await self.app(scope, counting_receive, watching_send)

@@ -198,7 +198,9 @@ class SegmentReader:
         closed_ns = self._word(L.CLOSED_NS_OFFSET)
         if closed_ns != header.closed_ns:
             header = replace(header, closed_ns=closed_ns)
-        if closed_ns:
+        if source == "live" and (closed_ns or not process_alive(header.pid, header.start_ticks)):
+            # Closing at exit is best effort (a process killed by a signal
+            # skips it): a writer that is gone is gone either way.
             source = "final"
         control_words = read_control_words(buf)
         control = ControlState.from_words(control_words)
