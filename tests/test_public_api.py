@@ -45,6 +45,7 @@ MODULES = [
     "netprof_core._recorder_py",
     "netprof_core.asgi",
     "netprof_core.cli",
+    "netprof_core.clients",
     "netprof_core.config",
     "netprof_core.control",
     "netprof_core.histogram",

@@ -1,0 +1,87 @@
+"""The applications the hook benchmarks serve: each as small as its kind allows,
+so that what a middleware adds is not lost in the application's own work.
+
+The in-process benchmarks (test_hook_benchmarks.py) build them with the
+factories below. The end-to-end benchmark (test_end_to_end.py) has uvicorn
+import this module by path and call ``starlette_app`` or ``netprof_starlette_app``
+(``uvicorn --factory --app-dir benchmarks apps:netprof_starlette_app``); the
+wrapped one records into ``$NETPROF_BENCH_SEGMENT_DIR`` with the core named by
+``$NETPROF_BENCH_IMPLEMENTATION`` (the default when unset).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+BODY = b"OK"
+# One templated route: the path a client asks for and the template a hook should report.
+PATH = "/items/42"
+TEMPLATE = "/items/{item_id}"
+
+
+async def raw_asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The least an ASGI application can do: a start message and one body."""
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+async def _item(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("OK")
+
+
+def starlette_app() -> Starlette:
+    return Starlette(routes=[Route(TEMPLATE, _item)])
+
+
+def netprof_starlette_app() -> Any:
+    from netprof_core import ProfilingConfig, Recorder
+    from netprof_core.asgi import NetProfMiddleware
+
+    config = ProfilingConfig(segment_dir=os.environ["NETPROF_BENCH_SEGMENT_DIR"], app_name="bench-e2e")
+    recorder = Recorder(config, implementation=os.environ.get("NETPROF_BENCH_IMPLEMENTATION") or None)
+    return NetProfMiddleware(starlette_app(), recorder=recorder)
+
+
+def fastapi_app() -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get(TEMPLATE)
+    async def item(item_id: int) -> PlainTextResponse:
+        return PlainTextResponse("OK")
+
+    return app
+
+
+def raw_wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """The least a WSGI application can do: start_response and a list body."""
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [BODY]
+
+
+def flask_app() -> Any:
+    """A new app each time: Flask refuses set-up (netprof's before_request)
+    once an app has served a request."""
+    from flask import Flask
+
+    app = Flask("bench")
+
+    @app.get("/items/<int:item_id>")
+    def item(item_id: int) -> str:
+        return "OK"
+
+    return app

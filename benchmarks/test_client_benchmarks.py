@@ -1,0 +1,55 @@
+"""Per-request cost of the outbound httpx hook, in process: no server, no socket.
+
+An ``httpx.Client`` sends its requests to ``httpx.MockTransport`` (httpx's own
+in-memory transport, answering like a small JSON API), bare or instrumented
+with ``instrument_httpx_client``, which wraps that transport. Each benchmark
+makes CALLS requests, so a median divided by CALLS is the time per request
+(``benchmarks/report.py`` does that division):
+
+    cd /work/main && PYTHONPATH=. python -m pytest benchmarks/test_client_benchmarks.py \\
+        -q -p no:cacheprovider --benchmark-json=clients.json
+
+    overhead per request = test_httpx_instrumented[core] - test_httpx_bare   (goal: <= 2 µs, Cython)
+
+The bare figure is httpx itself (tens of µs a request: building the request,
+the URL, cookies, the response); the difference is what netprof adds: the
+timing, the route lookup, reading Content-Length and one ``record()``. The
+difference is small beside httpx's own time, so compare the two figures of one
+run only, and expect a µs or so of noise on a shared machine.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from netprof_core.clients import instrument_httpx_client
+
+CALLS = 1000
+URL = "http://api.example.com:8080/items/42"
+BODY = b'{"id": 42, "name": "widget"}'
+HEADERS = {"content-type": "application/json", "server": "uvicorn", "date": "Thu, 26 Nov 2026 10:00:00 GMT"}
+
+
+def handler(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=BODY, headers=HEADERS)
+
+
+def send_requests(client: httpx.Client) -> None:
+    for _ in range(CALLS):
+        client.get(URL)
+
+
+@pytest.mark.benchmark(min_rounds=20)
+def test_httpx_bare(benchmark) -> None:
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        benchmark(send_requests, client)
+
+
+@pytest.mark.benchmark(min_rounds=20)
+def test_httpx_instrumented(benchmark, make_recorder) -> None:
+    recorder = make_recorder()
+    with instrument_httpx_client(httpx.Client(transport=httpx.MockTransport(handler)), recorder) as client:
+        benchmark(send_requests, client)
+    counters = recorder.snapshot(records=False).counters
+    assert counters.requests >= CALLS and counters.internal_errors == 0
