@@ -77,7 +77,11 @@ class NetProfMiddleware:
         end = _monotonic_ns()
         environ = request.environ
         try:
-            template = (self._route_key(environ) if self._route_key else None) or route_template(environ)
+            template = self._route_key(environ) if self._route_key else None
+            if not template:
+                template = environ.get(ROUTE_ENVIRON_KEY)
+                if not isinstance(template, str):
+                    template = UNMATCHED_ROUTE
             method = environ.get("REQUEST_METHOD", "GET")
             route = self._route_ids.get((template, method))
             if route is None:
@@ -132,8 +136,7 @@ class _Request:
     def __iter__(self) -> Iterator[bytes]:
         body = self.body
         if type(body) is list:  # the common case: count it whole, iterate at C speed
-            self.first_byte = _monotonic_ns()
-            self.bytes_out = sum(map(len, body))
+            self.bytes_out = sum(map(len, body))  # (no time to first byte: it is all there)
             return iter(body)
         return self._stream(body)
 
