@@ -12,8 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from ._layout import Direction, ErrorKind
-from .hooks import UNMATCHED_ROUTE, PathFilter, get_recorder
+from ._layout import ErrorKind
+from .hooks import UNMATCHED_ROUTE, InboundHook
 from .recorder import Recorder
 
 __all__ = ("NetProfMiddleware",)
@@ -26,7 +26,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RouteKey = Callable[[Scope], "str | None"]
 
 _monotonic_ns = time.monotonic_ns
-_ROUTE_CACHE_LIMIT = 4096
 _NONE = int(ErrorKind.NONE)
 _EXCEPTION = int(ErrorKind.EXCEPTION)
 _CLIENT_DISCONNECT = int(ErrorKind.CLIENT_DISCONNECT)
@@ -42,7 +41,7 @@ def route_template(scope: Scope) -> str:
     return UNMATCHED_ROUTE
 
 
-class NetProfMiddleware:
+class NetProfMiddleware(InboundHook):
     """Records each HTTP request of an ASGI application.
 
     ``recorder``: defaults to the process's (``get_recorder()``, configured from
@@ -59,18 +58,10 @@ class NetProfMiddleware:
         exclude_paths: Iterable[str] = (),
         route_key: RouteKey | None = None,
     ) -> None:
-        self.app = app
-        # Made now, with the app: a bad NETPROF_CONFIG fails at start-up, loudly,
-        # and a pre-forking server's workers each get their own segment.
-        self.recorder = recorder if recorder is not None else get_recorder()
-        self._excluded = PathFilter(exclude_paths).search
-        self._route_key = route_key
-        self._record = self.recorder.record
-        # (template, method) -> route id, for the hot path.
-        self._route_ids: dict[tuple[str, str], int] = {}
+        super().__init__(app, recorder, exclude_paths, route_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (self._excluded is not None and self._excluded(scope["path"])):
+        if scope["type"] != "http" or (self.excluded is not None and self.excluded(scope["path"])):
             await self.app(scope, receive, send)
             return
         start = _monotonic_ns()
@@ -111,13 +102,11 @@ class NetProfMiddleware:
             end = _monotonic_ns()
             status, bytes_in, bytes_out, first_byte, _, error_kind = state
             try:
-                template = (self._route_key(scope) if self._route_key else None) or route_template(scope)
-                route = self._route_ids.get((template, scope["method"]))
+                template = (self.route_key(scope) if self.route_key else None) or route_template(scope)
+                route = self.route_ids.get((template, scope["method"]))
                 if route is None:
-                    route = self.recorder.route_id(template, scope["method"], Direction.INBOUND)
-                    if len(self._route_ids) < _ROUTE_CACHE_LIMIT:  # a route_key may return anything
-                        self._route_ids[(template, scope["method"])] = route
+                    route = self.intern(template, scope["method"])
             except Exception as exc:
                 self.recorder.internal_error(exc)
             else:
-                self._record(route, status, start, end, bytes_in, bytes_out, error_kind, first_byte - start if first_byte else 0)
+                self.record(route, status, start, end, bytes_in, bytes_out, error_kind, first_byte - start if first_byte else 0)

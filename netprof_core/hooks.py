@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from ._layout import Direction
 from .config import ProfilingConfig
 from .recorder import Recorder
 
-__all__ = ("ROUTE_ENVIRON_KEY", "UNMATCHED_ROUTE", "PathFilter", "get_recorder")
+__all__ = ("ROUTE_ENVIRON_KEY", "UNMATCHED_ROUTE", "InboundHook", "PathFilter", "get_recorder")
 
 # Requests no route of the application matched (404 floods, scanners) share one route.
 UNMATCHED_ROUTE = "<unmatched>"
@@ -54,3 +56,33 @@ class PathFilter:
 
     def excludes(self, path: str) -> bool:
         return self.search is not None and self.search(path) is not None
+
+
+class InboundHook:
+    """What the ASGI and WSGI middleware share: their settings, and the route
+    ids they look up on every request (``self.route_ids.get((template,
+    method))`` on the hot path, :meth:`intern` on a miss)."""
+
+    ROUTE_CACHE_LIMIT = 4096  # a route_key may return anything
+
+    def __init__(
+        self,
+        app: Any,
+        recorder: Recorder | None,
+        exclude_paths: Iterable[str],
+        route_key: Callable[[Any], str | None] | None,
+    ) -> None:
+        self.app = app
+        # Made now, with the app: a bad NETPROF_CONFIG fails at start-up, loudly,
+        # and a pre-forking server's workers each get their own segment.
+        self.recorder = recorder if recorder is not None else get_recorder()
+        self.excluded = PathFilter(exclude_paths).search
+        self.route_key = route_key
+        self.record = self.recorder.record
+        self.route_ids: dict[tuple[str, str], int] = {}
+
+    def intern(self, template: str, method: str) -> int:
+        route = self.recorder.route_id(template, method, Direction.INBOUND)
+        if len(self.route_ids) < self.ROUTE_CACHE_LIMIT:
+            self.route_ids[(template, method)] = route
+        return route

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._layout import Direction, ErrorKind
-from .hooks import ROUTE_ENVIRON_KEY, UNMATCHED_ROUTE, PathFilter, get_recorder
+from ._layout import ErrorKind
+from .hooks import ROUTE_ENVIRON_KEY, UNMATCHED_ROUTE, InboundHook
 from .log import logger
 from .recorder import Recorder
 
@@ -25,18 +25,12 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 RouteKey = Callable[[Environ], "str | None"]
 
 _monotonic_ns = time.monotonic_ns
-_ROUTE_CACHE_LIMIT = 4096
 _STATUS_CODES: dict[str, int] = {}  # "200 OK" -> 200: servers send a handful of status lines
 _NONE = int(ErrorKind.NONE)
 _EXCEPTION = int(ErrorKind.EXCEPTION)
 
 
-def route_template(environ: Environ) -> str:
-    template = environ.get(ROUTE_ENVIRON_KEY)
-    return template if isinstance(template, str) else UNMATCHED_ROUTE
-
-
-class NetProfMiddleware:
+class NetProfMiddleware(InboundHook):
     """Records each request of a WSGI application; see the ASGI middleware
     of the same name for the arguments. Safe under threaded and pre-forking
     servers: each thread times its own request, each process has its segment.
@@ -53,16 +47,11 @@ class NetProfMiddleware:
         exclude_paths: Iterable[str] = (),
         route_key: RouteKey | None = None,
     ) -> None:
-        self.app = app
-        self.recorder = recorder if recorder is not None else get_recorder()
-        self._excluded = PathFilter(exclude_paths).search
-        self._route_key = route_key
-        self._record = self.recorder.record
-        self._route_ids: dict[tuple[str, str], int] = {}
+        super().__init__(app, recorder, exclude_paths, route_key)
         _note_flask_rules(app)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if self._excluded is not None and self._excluded(environ.get("PATH_INFO", "")):
+        if self.excluded is not None and self.excluded(environ.get("PATH_INFO", "")):
             return self.app(environ, start_response)
         request = _Request(self, environ, start_response)
         try:
@@ -77,17 +66,15 @@ class NetProfMiddleware:
         end = _monotonic_ns()
         environ = request.environ
         try:
-            template = self._route_key(environ) if self._route_key else None
+            template = self.route_key(environ) if self.route_key else None
             if not template:
                 template = environ.get(ROUTE_ENVIRON_KEY)
                 if not isinstance(template, str):
                     template = UNMATCHED_ROUTE
             method = environ.get("REQUEST_METHOD", "GET")
-            route = self._route_ids.get((template, method))
+            route = self.route_ids.get((template, method))
             if route is None:
-                route = self.recorder.route_id(template, method, Direction.INBOUND)
-                if len(self._route_ids) < _ROUTE_CACHE_LIMIT:  # a route_key may return anything
-                    self._route_ids[(template, method)] = route
+                route = self.intern(template, method)
             status = _STATUS_CODES.get(request.status)
             if status is None:
                 status = int(request.status[:3]) if request.status else 0
@@ -98,7 +85,7 @@ class NetProfMiddleware:
             self.recorder.internal_error(exc)
             return
         ttfb = request.first_byte - request.start if request.first_byte else 0
-        self._record(route, status, request.start, end, bytes_in, request.bytes_out, error_kind, ttfb)
+        self.record(route, status, request.start, end, bytes_in, request.bytes_out, error_kind, ttfb)
 
 
 class _Request:
