@@ -51,11 +51,8 @@ class PathFilter:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"exclude_paths: {pattern!r} is not a regular expression: {exc}") from None
-        # None when nothing is excluded, so a hook tests it before calling.
+        # None when nothing is excluded: a hook tests that before calling it.
         self.search = re.compile("|".join(f"(?:{p})" for p in patterns)).search if patterns else None
-
-    def excludes(self, path: str) -> bool:
-        return self.search is not None and self.search(path) is not None
 
 
 class InboundHook:

@@ -24,7 +24,6 @@ from .control import SegmentControl, initial_control, read_control_words
 from .log import recorder_logger
 from .reader import SegmentReader, SegmentSnapshot
 from .segment import (
-    SegmentHeader,
     create_segment,
     format_segment,
     mark_closed,
@@ -248,8 +247,7 @@ class Recorder:
             return
         self.record = _record_nothing  # type: ignore[assignment]
         self._core.release()
-        if os.getpid() == self._pid:
-            mark_closed(self._buf)
+        self._mark_closed()
         self._buf.close()
         if remove and self.path is not None:
             self.path.unlink(missing_ok=True)
@@ -269,18 +267,19 @@ class Recorder:
         control[L.C_CLEAN_FLOOR] = control[L.C_PUBLISH_REQUEST] = control[L.C_RESET_ERRORS_REQUEST] = 0
         self._overflowed = 0  # the parent's segment counts its own
         parent_buf = self._buf
-        self._core.release()
+        self._core.release()  # not one more write to the parent's segment, whatever happens next
         self._open_segment(control)
         self._core.rebind(self._buf, self._seed())
         parent_buf.close()
 
-    def _at_exit(self) -> None:
-        if not self._buf.closed and os.getpid() == self._pid and not self.current_header().closed:
+    def _mark_closed(self) -> None:
+        """Mark this process's own segment closed, once (close() and exit both come here)."""
+        if (
+            not self._buf.closed
+            and os.getpid() == self._pid
+            and not L.U64.unpack_from(self._buf, L.CLOSED_NS_OFFSET)[0]
+        ):
             mark_closed(self._buf)
-
-    def current_header(self) -> SegmentHeader:
-        """The header as it is now (``closed_ns`` changes when the process ends)."""
-        return parse_header(self._buf, self.path or "<private>")
 
 
 class Measurement:
@@ -374,7 +373,7 @@ def _after_fork_in_child() -> None:
 def _at_exit() -> None:
     for recorder in list(_recorders):
         try:
-            recorder._at_exit()
+            recorder._mark_closed()
         except Exception:
             pass
 
