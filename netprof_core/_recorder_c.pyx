@@ -282,6 +282,9 @@ cdef class RecorderCore:
         cdef unsigned char* dirty = <unsigned char*>self._dirty
         cdef uint64_t route_id
         cdef Py_ssize_t start
+        # The request answered is the one seen before copying, as in the twin:
+        # a request made during the copy gets a copy of its own.
+        cdef uint64_t request = self._w[self._ctl + C_PUBLISH_REQUEST]
         pub[G_SEQ] += 1
         np_release_fence()
         memcpy(pub + 1, live + 1, (GLOBAL_WORDS - 1) * WORD)
@@ -293,8 +296,8 @@ cdef class RecorderCore:
                 start = ROUTES_START + route_id * ROUTE_BLOCK_WORDS
                 memcpy(pub + start, live + start, ROUTE_BLOCK_WORDS * WORD)
                 dirty[route_id] = 0
-        self._publish_ack = self._w[self._ctl + C_PUBLISH_REQUEST]
-        pub[G_PUBLISH_ACK] = self._publish_ack
+        self._publish_ack = request
+        pub[G_PUBLISH_ACK] = request
         np_release_fence()
         pub[G_SEQ] += 1
 
