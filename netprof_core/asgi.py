@@ -94,9 +94,9 @@ class NetProfMiddleware(InboundHook):
 
         try:
             await self.app(scope, counting_receive, watching_send)
-        except BaseException as exc:
-            if not state[5]:
-                state[5] = _CLIENT_DISCONNECT if isinstance(exc, OSError) and state[0] else _EXCEPTION
+        except BaseException:
+            if not state[5]:  # (a failed send has set CLIENT_DISCONNECT already)
+                state[5] = _EXCEPTION
             raise
         finally:
             end = _monotonic_ns()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._layout import Direction, ErrorKind
-from .hooks import get_recorder
+from .hooks import content_length, get_recorder
 from .log import recorder_logger
 from .recorder import Recorder
 
@@ -282,11 +282,6 @@ def _explicit_port(scheme: str, port: int | None) -> int | None:
     return None if port == _DEFAULT_PORTS.get(scheme) else port
 
 
-def _content_length(value: str | None) -> int:
-    """A Content-Length header's value; 0 when missing or malformed."""
-    return int(value) if value and value.isascii() and value.isdigit() else 0
-
-
 def _patch(owner: type, name: str, make_patch: Callable[[Any], Any]) -> None:
     replacement = make_patch(getattr(owner, name))
     _patches.append((owner, name, owner.__dict__.get(name, _MISSING), replacement))
@@ -302,7 +297,7 @@ def _httpx_done(hook: _Hook, request: Any, response: Any, exc: BaseException | N
         try:
             bytes_out = len(request.content)  # a body given whole is read when the request is made
         except sys.modules["httpx"].RequestNotRead:  # streamed, or a redirect's copy: its header, if any
-            bytes_out = _content_length(request.headers.get("content-length"))
+            bytes_out = content_length(request.headers.get("content-length"))
         status = bytes_in = 0
         if response is not None:
             status = response.status_code
@@ -327,7 +322,7 @@ def _httpx_response_length(headers: Any) -> int:
     try:
         triples = headers._list
     except AttributeError:  # another httpx: the public way
-        return _content_length(headers.get("content-length"))
+        return content_length(headers.get("content-length"))
     for _, name, value in triples:
         if name == b"content-length":
             return int(value) if value.isdigit() else 0
@@ -434,11 +429,11 @@ def _requests_done(
     end_ns = time.monotonic_ns()
     try:
         url = urlsplit(request.url)
-        bytes_out = _content_length(request.headers.get("Content-Length"))
+        bytes_out = content_length(request.headers.get("Content-Length"))
         status = bytes_in = 0
         if response is not None:
             status = response.status_code
-            bytes_in = _content_length(response.headers.get("Content-Length"))
+            bytes_in = content_length(response.headers.get("Content-Length"))
         host, port, method = url.hostname or "", _explicit_port(url.scheme, url.port), request.method
         hook.record(method, host, port, request.url, status, start_ns, end_ns, bytes_in, bytes_out, exc)
     except Exception as error:
@@ -492,7 +487,7 @@ def _aiohttp_done(
         if response is not None:
             status = response.status
             bytes_in = response.content_length or 0
-            bytes_out = _content_length(response.request_info.headers.get("Content-Length"))
+            bytes_out = content_length(response.request_info.headers.get("Content-Length"))
         elif isinstance(exc, sys.modules["aiohttp"].ClientResponseError):
             status = exc.status  # raise_for_status: there was a response
         url = params.url
@@ -512,8 +507,14 @@ def _trace_config(hook: _Hook | None) -> aiohttp.TraceConfig:
 
     async def on_request_redirect(session: Any, ctx: Any, params: Any) -> None:
         # Each hop is a request of its own, as httpx and requests see them.
+        # aiohttp says so before it knows whether it will follow: the next
+        # hop's clock starts only when that hop takes a connection.
         _aiohttp_done(hook or _active, ctx, params, params.response, None)
-        ctx.netprof_start_ns = time.monotonic_ns()
+        ctx.netprof_start_ns = None
+
+    async def on_connection(session: Any, ctx: Any, params: Any) -> None:
+        if getattr(ctx, "netprof_start_ns", 0) is None:
+            ctx.netprof_start_ns = time.monotonic_ns()
 
     async def on_request_end(session: Any, ctx: Any, params: Any) -> None:
         _aiohttp_done(hook or _active, ctx, params, params.response, None)
@@ -524,6 +525,8 @@ def _trace_config(hook: _Hook | None) -> aiohttp.TraceConfig:
     config = aiohttp.TraceConfig()
     config.on_request_start.append(on_request_start)
     config.on_request_redirect.append(on_request_redirect)
+    config.on_connection_create_start.append(on_connection)
+    config.on_connection_reuseconn.append(on_connection)
     config.on_request_end.append(on_request_end)
     config.on_request_exception.append(on_request_exception)
     _our_trace_configs.add(config)

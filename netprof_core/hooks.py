@@ -13,12 +13,24 @@ from ._layout import Direction
 from .config import ProfilingConfig
 from .recorder import Recorder
 
-__all__ = ("ROUTE_ENVIRON_KEY", "UNMATCHED_ROUTE", "InboundHook", "PathFilter", "get_recorder")
+__all__ = ("ROUTE_ENVIRON_KEY", "UNMATCHED_ROUTE", "InboundHook", "PathFilter", "content_length", "get_recorder")
 
 # Requests no route of the application matched (404 floods, scanners) share one route.
 UNMATCHED_ROUTE = "<unmatched>"
 # Where a framework adapter leaves the matched route template in a WSGI environ.
 ROUTE_ENVIRON_KEY = "netprof.route"
+# Set in the environ by the WSGI middleware: a framework adapter beneath it
+# then only notes the route, and the request is recorded once.
+RECORDING_ENVIRON_KEY = "netprof.recording"
+# Methods a client may invent: any other is recorded as OTHER, so that a scanner
+# sending random methods cannot fill the route table.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+
+
+def content_length(value: str | None) -> int:
+    """A Content-Length header's value; 0 when missing or malformed (it comes
+    from the client: a bad one is the client's problem, not netprof's)."""
+    return int(value) if value and value.isascii() and value.isdigit() else 0
 
 _default: Recorder | None = None
 _default_lock = threading.Lock()
@@ -26,8 +38,8 @@ _default_lock = threading.Lock()
 
 def get_recorder(config: ProfilingConfig | None = None) -> Recorder:
     """The process's default recorder, made on first use (never at import) from
-    ``config``, or else from the file named by ``NETPROF_CONFIG``. Every hook
-    given no recorder of its own shares it."""
+    ``config``, or else from the file named by ``NETPROF_CONFIG``; once it is
+    made, ``config`` is not looked at. Every hook given no recorder shares it."""
     global _default
     recorder = _default
     if recorder is None:
@@ -79,7 +91,9 @@ class InboundHook:
         self.route_ids: dict[tuple[str, str], int] = {}
 
     def intern(self, template: str, method: str) -> int:
-        route = self.recorder.route_id(template, method, Direction.INBOUND)
+        route = self.recorder.route_id(
+            template, method if method in KNOWN_METHODS else "OTHER", Direction.INBOUND
+        )
         if len(self.route_ids) < self.ROUTE_CACHE_LIMIT:
             self.route_ids[(template, method)] = route
         return route

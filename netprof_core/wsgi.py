@@ -1,7 +1,8 @@
 """WSGI middleware: ``app = NetProfMiddleware(app)`` records every request.
 
-A request ends when the server closes the response iterable, so a streamed
-response is timed to its end. The route is the ``route_key`` given, else
+A streamed response ends when the server closes it, so it is timed to its
+end; a list (the whole body at once) or a ``wsgi.file_wrapper`` is recorded
+when the app returns it, and handed to the server unchanged. The route is the ``route_key`` given, else
 Flask's URL rule when the app is a Flask app, else Django's route when
 ``netprof_core.django`` noted it, else one UNMATCHED_ROUTE for all.
 """
@@ -13,11 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._layout import ErrorKind
-from .hooks import ROUTE_ENVIRON_KEY, UNMATCHED_ROUTE, InboundHook
+from .hooks import RECORDING_ENVIRON_KEY, ROUTE_ENVIRON_KEY, UNMATCHED_ROUTE, InboundHook, content_length
 from .log import logger
 from .recorder import Recorder
 
-__all__ = ("ROUTE_ENVIRON_KEY", "NetProfMiddleware")
+__all__ = ("NetProfMiddleware",)
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -25,6 +26,12 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 RouteKey = Callable[[Environ], "str | None"]
 
 _monotonic_ns = time.monotonic_ns
+
+
+def _is_file_wrapper(body: object, environ: Environ) -> bool:
+    file_wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(file_wrapper, type) and isinstance(body, file_wrapper)
+
 _STATUS_CODES: dict[str, int] = {}  # "200 OK" -> 200: servers send a handful of status lines
 _NONE = int(ErrorKind.NONE)
 _EXCEPTION = int(ErrorKind.EXCEPTION)
@@ -35,8 +42,10 @@ class NetProfMiddleware(InboundHook):
     of the same name for the arguments. Safe under threaded and pre-forking
     servers: each thread times its own request, each process has its segment.
 
-    Given a Flask app (or its ``wsgi_app``), it adds a ``before_request``
-    function that notes the URL rule the request matched.
+    Given a Flask app (or its ``wsgi_app``), it adds a URL value preprocessor
+    that notes the URL rule the request matched (it runs before any
+    ``before_request`` function, which may answer early). Behind another WSGI
+    wrapper (ProxyFix...), pass ``route_key`` instead.
     """
 
     def __init__(
@@ -53,12 +62,19 @@ class NetProfMiddleware(InboundHook):
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self.excluded is not None and self.excluded(environ.get("PATH_INFO", "")):
             return self.app(environ, start_response)
+        environ[RECORDING_ENVIRON_KEY] = True
         request = _Request(self, environ, start_response)
         try:
             body = self.app(environ, request.start_response)
         except BaseException:
             request.finish(_EXCEPTION)
             raise
+        if type(body) is list or _is_file_wrapper(body, environ):
+            # All there, or sent by the server's sendfile: handed back as it is,
+            # so that the server still sees what it is (and can size or send it).
+            request.bytes_out = sum(map(len, body)) if type(body) is list else 0
+            request.finish(_NONE)
+            return body
         request.body = body
         return request
 
@@ -80,7 +96,7 @@ class NetProfMiddleware(InboundHook):
                 status = int(request.status[:3]) if request.status else 0
                 if len(_STATUS_CODES) < 1024:
                     _STATUS_CODES[request.status] = status
-            bytes_in = int(environ.get("CONTENT_LENGTH") or 0)
+            bytes_in = content_length(environ.get("CONTENT_LENGTH"))
         except Exception as exc:
             self.recorder.internal_error(exc)
             return
@@ -121,15 +137,8 @@ class _Request:
         return self._start_response(status, headers, exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
-        body = self.body
-        if type(body) is list:  # the common case: count it whole, iterate at C speed
-            self.bytes_out = sum(map(len, body))  # (no time to first byte: it is all there)
-            return iter(body)
-        return self._stream(body)
-
-    def _stream(self, body: Iterable[bytes]) -> Iterator[bytes]:
         try:
-            for chunk in body:
+            for chunk in self.body:
                 if not self.first_byte:
                     self.first_byte = _monotonic_ns()
                 self.bytes_out += len(chunk)
@@ -156,22 +165,21 @@ class _Request:
 
 def _note_flask_rules(app: Any) -> None:
     """Flask keeps the matched URL rule on its request object, which is gone
-    by the time the middleware records: a before_request function copies it
-    into the environ."""
+    by the time the middleware records: copy it into the environ."""
     flask_app = getattr(app, "__self__", app)  # app.wsgi_app is a bound method
-    if not (hasattr(flask_app, "url_map") and hasattr(flask_app, "before_request")):
+    if not (hasattr(flask_app, "url_map") and hasattr(flask_app, "url_value_preprocessor")):
         return
     try:
         from flask import request
     except ImportError:
         return
 
-    def note_rule() -> None:
+    def note_rule(endpoint: str | None, values: dict[str, Any] | None) -> None:
         rule = request.url_rule
         if rule is not None:
             request.environ[ROUTE_ENVIRON_KEY] = rule.rule
 
     try:
-        flask_app.before_request(note_rule)
+        flask_app.url_value_preprocessor(note_rule)
     except AssertionError:  # Flask refuses set-up once it has served a request
         logger.warning("netprof: wrap the Flask app before it serves requests to see its URL rules")
