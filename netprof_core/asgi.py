@@ -31,13 +31,15 @@ _EXCEPTION = int(ErrorKind.EXCEPTION)
 _CLIENT_DISCONNECT = int(ErrorKind.CLIENT_DISCONNECT)
 
 
-def route_template(scope: Scope) -> str:
-    """The template of the route the framework matched, else UNMATCHED_ROUTE."""
+def route_template(scope: Scope, root_path: str = "") -> str:
+    """The template of the route the framework matched, else UNMATCHED_ROUTE.
+    Under a Starlette ``Mount``, the route's own template lacks the mount's
+    prefix: that is what the mounts added to ``root_path`` since ``root_path``."""
     route = scope.get("route")
     if route is not None:
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
         if isinstance(template, str):
-            return template
+            return scope.get("root_path", "")[len(root_path) :] + template
     return UNMATCHED_ROUTE
 
 
@@ -65,6 +67,7 @@ class NetProfMiddleware(InboundHook):
             await self.app(scope, receive, send)
             return
         start = _monotonic_ns()
+        root_path = scope.get("root_path", "")
         # One list for the request's state: cheaper than closures over several cells.
         state = [0, 0, 0, 0, False, _NONE]  # status, bytes in, bytes out, first byte, finished, error kind
 
@@ -102,7 +105,7 @@ class NetProfMiddleware(InboundHook):
             end = _monotonic_ns()
             status, bytes_in, bytes_out, first_byte, _, error_kind = state
             try:
-                template = (self.route_key(scope) if self.route_key else None) or route_template(scope)
+                template = (self.route_key(scope) if self.route_key else None) or route_template(scope, root_path)
                 route = self.route_ids.get((template, scope["method"]))
                 if route is None:
                     route = self.intern(template, scope["method"])

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._layout import Direction, ErrorKind
-from .hooks import content_length, get_recorder
+from .hooks import ROUTE_CACHE_LIMIT, content_length, get_recorder
 from .log import recorder_logger
 from .recorder import Recorder
 
@@ -53,8 +53,6 @@ C = TypeVar("C")
 # Called once a request is over: (hook, request, response or None, exception or None, start_ns).
 _Done = Callable[["_Hook", Any, Any, "BaseException | None", int], None]
 
-# Hosts a hook remembers the route of; past this (a crawler, say) it asks the recorder each time.
-_ROUTE_CACHE_LIMIT = 4096
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _OUTBOUND = Direction.OUTBOUND
 _MISSING = object()
@@ -107,7 +105,7 @@ class _Hook:
         if self.path_template is not None:
             return self.recorder.route_id(template + self.path_template(str(url)), method, _OUTBOUND)
         route = self.recorder.route_id(template, method, _OUTBOUND)
-        if len(self._routes) < _ROUTE_CACHE_LIMIT:
+        if len(self._routes) < ROUTE_CACHE_LIMIT:  # past it (a crawler, say), ask each time
             self._routes[method, host, port] = route
         return route
 

@@ -13,7 +13,7 @@ from ._layout import Direction
 from .config import ProfilingConfig
 from .recorder import Recorder
 
-__all__ = ("ROUTE_ENVIRON_KEY", "UNMATCHED_ROUTE", "InboundHook", "PathFilter", "content_length", "get_recorder")
+__all__ = ("ROUTE_ENVIRON_KEY", "UNMATCHED_ROUTE", "InboundHook", "compile_excludes", "content_length", "get_recorder")
 
 # Requests no route of the application matched (404 floods, scanners) share one route.
 UNMATCHED_ROUTE = "<unmatched>"
@@ -24,6 +24,8 @@ ROUTE_ENVIRON_KEY = "netprof.route"
 RECORDING_ENVIRON_KEY = "netprof.recording"
 # Methods a client may invent: any other is recorded as OTHER, so that a scanner
 # sending random methods cannot fill the route table.
+# How many routes a hook keeps at hand for its hot path.
+ROUTE_CACHE_LIMIT = 4096
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
 
@@ -50,21 +52,17 @@ def get_recorder(config: ProfilingConfig | None = None) -> Recorder:
     return recorder
 
 
-class PathFilter:
-    """Paths the hooks leave alone, as regular expressions (``re.search``),
-    e.g. ``[r"^/healthz$", r"^/metrics$"]``."""
-
-    __slots__ = ("search",)
-
-    def __init__(self, patterns: Iterable[str] = ()) -> None:
-        patterns = list(patterns)
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"exclude_paths: {pattern!r} is not a regular expression: {exc}") from None
-        # None when nothing is excluded: a hook tests that before calling it.
-        self.search = re.compile("|".join(f"(?:{p})" for p in patterns)).search if patterns else None
+def compile_excludes(patterns: Iterable[str]) -> Callable[[str], object] | None:
+    """A search over the paths the hooks leave alone (regular expressions,
+    ``re.search``, e.g. ``[r"^/healthz$", r"^/metrics$"]``); None when there
+    are none, which a hook tests before calling it."""
+    patterns = list(patterns)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"exclude_paths: {pattern!r} is not a regular expression: {exc}") from None
+    return re.compile("|".join(f"(?:{p})" for p in patterns)).search if patterns else None
 
 
 class InboundHook:
@@ -72,7 +70,6 @@ class InboundHook:
     ids they look up on every request (``self.route_ids.get((template,
     method))`` on the hot path, :meth:`intern` on a miss)."""
 
-    ROUTE_CACHE_LIMIT = 4096  # a route_key may return anything
 
     def __init__(
         self,
@@ -85,7 +82,7 @@ class InboundHook:
         # Made now, with the app: a bad NETPROF_CONFIG fails at start-up, loudly,
         # and a pre-forking server's workers each get their own segment.
         self.recorder = recorder if recorder is not None else get_recorder()
-        self.excluded = PathFilter(exclude_paths).search
+        self.excluded = compile_excludes(exclude_paths)
         self.route_key = route_key
         self.record = self.recorder.record
         self.route_ids: dict[tuple[str, str], int] = {}
@@ -94,6 +91,6 @@ class InboundHook:
         route = self.recorder.route_id(
             template, method if method in KNOWN_METHODS else "OTHER", Direction.INBOUND
         )
-        if len(self.route_ids) < self.ROUTE_CACHE_LIMIT:
+        if len(self.route_ids) < ROUTE_CACHE_LIMIT:  # a route_key may return anything
             self.route_ids[(template, method)] = route
         return route

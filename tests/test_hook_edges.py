@@ -102,3 +102,33 @@ def test_flask_route_is_known_when_a_before_request_answers_early(make_recorder)
     assert status.startswith("401")
     (record,) = recorder.snapshot().records
     assert (record.route.template, record.status) == ("/items/<int:item_id>", 401)
+
+
+def test_routes_under_a_starlette_mount_keep_the_mount_prefix(make_recorder) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def item(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("x")
+
+    inner = [Route("/items/{item_id}", item)]
+    app = Starlette(routes=[Mount("/v1", routes=inner), Mount("/v2", routes=inner)])
+    recorder = make_recorder()
+    wrapped = ASGIMiddleware(app, recorder=recorder)
+
+    async def main() -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            pass
+
+        for root, path in [("", "/v1/items/1"), ("", "/v2/items/2"), ("/api", "/api/v1/items/3")]:
+            scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "root_path": root,
+                     "query_string": b"", "headers": [], "scheme": "http", "server": ("t", 80)}
+            await wrapped(scope, receive, send)
+
+    asyncio.run(main())
+    routes = {r.key.template: r.count for r in recorder.snapshot().routes if r.count}
+    assert routes == {"/v1/items/{item_id}": 2, "/v2/items/{item_id}": 1}
