@@ -5,6 +5,8 @@ from __future__ import annotations
 __all__ = (
     "ConfigError",
     "ProfilingConfig",
+    "check_table",
+    "check_values",
     "describe_keys",
     "load_profiling_config",
     "profiling_config_from_mapping",
@@ -52,7 +54,9 @@ class _Spec:
     pattern_hint: str = "a non-empty string"
 
 
-def _key(default: Any, help: str, **spec: Any) -> Any:
+def setting(default: Any, help: str, **spec: Any) -> Any:
+    """A checked config field: its default, a line of help, and its bounds
+    (``lo``, ``hi``, ``lo_open``; ``pattern`` and ``pattern_hint`` for strings)."""
     if callable(default):
         return field(default_factory=default, metadata={"spec": _Spec(help, **spec)})
     return field(default=default, metadata={"spec": _Spec(help, **spec)})
@@ -74,60 +78,66 @@ def _default_app_name() -> str:
 class ProfilingConfig:
     """The ``network_profiling`` table; every field is checked on construction."""
 
-    enabled: bool = _key(True, "Profile requests from start-up")
-    feature_flag_enabled: bool = _key(True, "Rollout switch; false overrides enabled")
-    slow_request_threshold: float = _key(
+    enabled: bool = setting(True, "Profile requests from start-up")
+    feature_flag_enabled: bool = setting(True, "Rollout switch; false overrides enabled")
+    slow_request_threshold: float = setting(
         2.0, "Seconds after which a request counts as slow", lo=0, hi=3600, lo_open=True
     )
-    max_stored_requests: int = _key(1000, "Request records kept (the last N)", lo=1, hi=1_000_000)
-    log_slow_requests: bool = _key(True, "Log each slow request")
-    enable_alerts: bool = _key(True, "Evaluate alert rules and send notifications")
-    alert_slow_request_threshold: float = _key(15.0, "Alert above this % of slow requests", hi=100)
-    alert_error_rate_threshold: float = _key(10.0, "Alert above this % of errors", hi=100)
-    graceful_degradation: bool = _key(True, "Never let a netprof error reach the application")
-    performance_monitoring: bool = _key(
+    max_stored_requests: int = setting(1000, "Request records kept (the last N)", lo=1, hi=1_000_000)
+    log_slow_requests: bool = setting(True, "Log each slow request")
+    enable_alerts: bool = setting(True, "Evaluate alert rules and send notifications")
+    alert_slow_request_threshold: float = setting(15.0, "Alert above this % of slow requests", hi=100)
+    alert_error_rate_threshold: float = setting(10.0, "Alert above this % of errors", hi=100)
+    graceful_degradation: bool = setting(True, "Never let a netprof error reach the application")
+    performance_monitoring: bool = setting(
         True, "Measure netprof's overhead (network_profiling_overhead_ms)"
     )
-    max_memory_mb: float = _key(
+    max_memory_mb: float = setting(
         # The smallest segment (16 records, 1 route) takes about 0.1 MiB.
         10.0, "Memory cap for one process's segment, in MiB", lo=0.25, hi=4096
     )
-    auto_disable_on_error: bool = _key(True, "Stop recording after > 3 consecutive internal errors")
-    debug: bool = _key(False, "Verbose diagnostics for development")
-    segment_dir: str = _key(
+    auto_disable_on_error: bool = setting(True, "Stop recording after > 3 consecutive internal errors")
+    debug: bool = setting(False, "Verbose diagnostics for development")
+    segment_dir: str = setting(
         "/dev/shm/netprof",
         "Directory of the shared-memory segments (app and daemon must agree)",
         pattern=re.compile(r"[^\x00]+"),
         pattern_hint="a non-empty directory path without NUL bytes",
     )
-    app_name: str = _key(
+    app_name: str = setting(
         _default_app_name,
         "Application name in segments and metric labels (default: the program's name)",
         pattern=_APP_NAME,
         pattern_hint="1 to 64 characters of A-Z a-z 0-9 _ . -, not starting with '.'",
     )
-    max_routes: int = _key(
+    max_routes: int = setting(
         24, "Distinct routes per process; more share an overflow route", lo=1, hi=4096
     )
-    sample_rate: float = _key(1.0, "Fraction of requests recorded, 0 to 1", hi=1)
-    retention_hours: float = _key(
+    sample_rate: float = setting(1.0, "Fraction of requests recorded, 0 to 1", hi=1)
+    retention_hours: float = setting(
         0.0, "Drop records older than this; 0 keeps them until overwritten", hi=100_000
     )
 
     def __post_init__(self) -> None:
-        problems = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            clean = _normalize(f, value)
-            if clean is _INVALID:
-                problems.append(f"ProfilingConfig({f.name}={value!r}): expected {_expected(f)}")
-            else:  # stores ints given for floats as floats
-                object.__setattr__(self, f.name, clean)
-        if problems:
-            raise ConfigError(problems)
+        check_values(self)
 
     def replace(self, **changes: Any) -> ProfilingConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_values(instance: Any) -> None:
+    """Validate every :func:`setting` field of a frozen dataclass instance in
+    ``__post_init__``, storing ints given for floats as floats."""
+    problems = []
+    for f in fields(instance):
+        value = getattr(instance, f.name)
+        clean = _normalize(f, value)
+        if clean is _INVALID:
+            problems.append(f"{type(instance).__name__}({f.name}={value!r}): expected {_expected(f)}")
+        else:
+            object.__setattr__(instance, f.name, clean)
+    if problems:
+        raise ConfigError(problems)
 
 
 _FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in fields(ProfilingConfig)}
@@ -192,6 +202,24 @@ def _unknown(where: str, key: str, known: Iterable[str]) -> str:
     return f"{where}: unknown key; {hint}"
 
 
+def check_table(
+    schema: type, table: object, where: str, problems: list[str]
+) -> dict[str, Any]:
+    """The valid keys of ``table`` for a dataclass declared with :func:`setting`
+    fields; each bad key is added to ``problems`` as ``where.key``."""
+    known = {f.name: f for f in fields(schema)}
+    values: dict[str, Any] = {}
+    for key, value in table.items() if isinstance(table, Mapping) else ():
+        at = f"{where}.{key}"
+        if key not in known:
+            problems.append(_unknown(at, key, known))
+        elif (clean := _normalize(known[key], value)) is _INVALID:
+            problems.append(f"{at} = {value!r}: expected {_expected(known[key])}")
+        else:
+            values[key] = clean
+    return values
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a JSON or TOML file (by suffix, else by content) into a dict."""
     source = os.fsdecode(path)
@@ -231,15 +259,7 @@ def profiling_config_from_mapping(
             problems.append(f"{source}: {key} = {value!r}: expected {_TABLES[key][1]}")
 
     table = data.get("network_profiling", {})
-    values: dict[str, Any] = {}
-    for key, value in table.items() if isinstance(table, Mapping) else ():
-        where = f"{source}: network_profiling.{key}"
-        if key not in _FIELDS:
-            problems.append(_unknown(where, key, _FIELDS))
-        elif (clean := _normalize(_FIELDS[key], value)) is _INVALID:
-            problems.append(f"{where} = {value!r}: expected {_expected(_FIELDS[key])}")
-        else:
-            values[key] = clean
+    values = check_table(ProfilingConfig, table, f"{source}: network_profiling", problems)
 
     # The guide puts ``debug`` at the top level; inside the table is accepted too.
     if "debug" in data:

@@ -190,10 +190,30 @@ class SegmentReader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def control(self) -> SegmentControl | None:
+        """The segment's control block, None when it could only be mapped read-only."""
+        return self._control
+
+    def live_sequence(self) -> int:
+        """The live statistics' sequence counter: it moves with every record, so
+        a reader can tell at the cost of one load whether anything changed."""
+        return self._word(self.layout.live_offset)
+
+    def closed_ns(self) -> int:
+        """When the writer closed the segment at exit (wall clock, ns); 0 while open."""
+        return self._word(L.CLOSED_NS_OFFSET)
+
     def snapshot(self, *, records: bool = True, timeout: float = 1.0, now_ns: int | None = None) -> SegmentSnapshot:
-        stats, source, complete = self._consistent_stats(timeout)
-        words = memoryview(stats).cast("Q")
         buf = self._buf
+        # Only the route blocks in use are copied. The count is read before the
+        # copy: a route is named before the count that makes it visible is
+        # raised, and one interned during the copy shows at the next snapshot.
+        route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
+        if not 1 <= route_count <= self.layout.route_slots:
+            raise SegmentError(self.path, f"corrupt route table: {route_count} routes in {self.layout.route_slots} slots")
+        stats, source, complete = self._consistent_stats(timeout, self.layout.route_block(route_count) * L.WORD)
+        words = memoryview(stats).cast("Q")
         header = self.header
         closed_ns = self._word(L.CLOSED_NS_OFFSET)
         if closed_ns != header.closed_ns:
@@ -204,11 +224,6 @@ class SegmentReader:
             source = "final"
         control_words = read_control_words(buf)
         control = ControlState.from_words(control_words)
-        # Read the route table after the statistics: a route that has counts was
-        # interned before them, so its name is there.
-        route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
-        if not 1 <= route_count <= self.layout.route_slots:
-            raise SegmentError(self.path, f"corrupt route table: {route_count} routes in {self.layout.route_slots} slots")
         keys = [self._route_key(route_id) for route_id in range(route_count)]
         routes = tuple(
             _route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys)
@@ -245,29 +260,30 @@ class SegmentReader:
             template.rstrip(b"\0").decode("utf-8", "replace"),
         )
 
-    def _copy_stats(self, offset: int) -> bytes | None:
-        """The statistics area at ``offset`` if it was not written during the copy."""
+    def _copy_stats(self, offset: int, size: int) -> bytes | None:
+        """The first ``size`` bytes of the statistics area at ``offset`` if they
+        were not written during the copy."""
         seq_before = self._word(offset)
         if seq_before & 1:
             return None
-        data = self._buf[offset : offset + self.layout.stats_size]
+        data = self._buf[offset : offset + size]
         return data if self._word(offset) == seq_before else None
 
     def _word(self, offset: int) -> int:
         return L.U64.unpack_from(self._buf, offset)[0]  # type: ignore[no-any-return]
 
-    def _consistent_stats(self, timeout: float) -> tuple[bytes, str, bool]:
+    def _consistent_stats(self, timeout: float, size: int) -> tuple[bytes, str, bool]:
         """A consistent copy of the statistics, where it came from, and whether
         it is complete."""
         live = self.layout.live_offset
         for _ in range(LIVE_ATTEMPTS):
-            data = self._copy_stats(live)
+            data = self._copy_stats(live, size)
             if data is not None:
                 return data, "live", True
         if not process_alive(self.header.pid, self.header.start_ticks):
             # The writer died; an odd counter means inside an update.
             seq = self._word(live)
-            return self._buf[live : live + self.layout.stats_size], "final", not seq & 1
+            return self._buf[live : live + size], "final", not seq & 1
         published = self.layout.published_offset
         published_before = self._word(published)
         if self._control is not None:
@@ -277,10 +293,10 @@ class SegmentReader:
         while time.monotonic() < deadline:
             # Any publish completed since the request is recent enough.
             if self._word(published) > published_before:
-                data = self._copy_stats(published)
+                data = self._copy_stats(published, size)
                 if data is not None:
                     return data, "published", True
-            data = self._copy_stats(live)
+            data = self._copy_stats(live, size)
             if data is not None:
                 return data, "live", True
             time.sleep(pause)

@@ -1,0 +1,287 @@
+"""The debug HTTP API (aiohttp.web): the deployment guide's calls under
+/api/v1/debug/, plus /metrics and /healthz. Handlers read the daemon's latest
+tick and never block its loop; every error is JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from netprof_core import Direction, SegmentControl
+
+from . import actions
+from .export import ExportFilter, stream_export
+from .log import api_logger
+from .summary import direction_summary, route_summary
+from .windows import parse_window
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ("ApiError", "make_app")
+
+PREFIX = "/api/v1/debug"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon", object)  # type: ignore[arg-type]
+MAX_SLOWEST = 1000
+
+
+class ApiError(Exception):
+    """A request the API refuses: an HTTP status and a message naming the culprit."""
+
+    def __init__(self, status: int, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.parameter = parameter
+
+
+def _json_error(
+    status: int, message: str, parameter: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    body: dict[str, Any] = {"error": message, "status": status}
+    if parameter is not None:
+        body["parameter"] = parameter
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda obj: json.dumps(obj, allow_nan=False))
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json_error(exc.status, exc.message, exc.parameter)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {404: f"no such path: {request.path}", 405: f"{request.method} is not allowed on {request.path}"}
+        return _json_error(exc.status, message.get(exc.status, exc.reason))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        api_logger.exception("%s %s failed", request.method, request.path)
+        return _json_error(500, "internal error in netprofd; see its log")
+
+
+def _auth_middleware(key: str | None, metrics_require_auth: bool) -> Callable[..., Any]:
+    expected = f"Bearer {key}".encode() if key else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        public = request.path == "/healthz" or (request.path == "/metrics" and not metrics_require_auth)
+        if expected is not None and not public:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            # Constant time, whatever the given value's length or content.
+            if not hmac.compare_digest(given, expected):
+                return _json_error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return auth
+
+
+# -- parameters --------------------------------------------------------------
+
+
+def _params(request: web.Request, allowed: tuple[str, ...]) -> Mapping[str, str]:
+    for name in request.query:
+        if name not in allowed:
+            hint = ", ".join(allowed) if allowed else "none"
+            raise ApiError(400, f"unknown parameter {name!r}; this call takes: {hint}", name)
+    for name in allowed:
+        if len(request.query.getall(name, [])) > 1:
+            raise ApiError(400, f"parameter {name!r} given more than once", name)
+    return request.query
+
+
+def number_param(query: Mapping[str, str], name: str, lo: float, hi: float, *, integer: bool = False) -> float | None:
+    text = query.get(name)
+    if text is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    try:
+        value: float = int(text) if integer else float(text)
+    except ValueError:
+        raise ApiError(400, f"{name} must be {kind} from {lo:g} to {hi:g}, got {text!r}", name) from None
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be {kind} from {lo:g} to {hi:g}, got {text!r}", name)
+    return value
+
+
+def _app_param(daemon: Daemon, query: Mapping[str, str]) -> str | None:
+    app = query.get("app")
+    if app is not None and app not in daemon.store.app_names():
+        known = ", ".join(sorted(daemon.store.app_names())) or "none yet"
+        raise ApiError(404, f"unknown app {app!r}; known apps: {known}", "app")
+    return app
+
+
+# -- handlers ----------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    age = daemon.last_tick_age()
+    healthy = age is not None and age < max(5.0, 5 * daemon.config.daemon.tick_seconds)
+    body = {"status": "ok" if healthy else "stalled", "ticks": daemon.store.ticks, "last_tick_age_seconds": age}
+    return _json(body, 200 if healthy else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    body = generate_latest(daemon.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def network_stats(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    query = _params(request, ("window", "app", "slowest"))
+    try:
+        seconds = parse_window(query.get("window", "5m"))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "window") from None
+    app_filter = _app_param(daemon, query)
+    slowest = int(number_param(query, "slowest", 0, MAX_SLOWEST, integer=True) or 0) if "slowest" in query else 10
+
+    now_ns = daemon.store.last_tick_ns
+    apps = {name: state for name, state in daemon.apps.items() if app_filter in (None, name)}
+    windows = daemon.history.window(apps, now_ns, seconds) if seconds is not None else None
+    result = []
+    for name, state in sorted(apps.items()):
+        if windows is not None:
+            span: float | None = windows[name].seconds
+            routes = list(windows[name].totals.routes.values())
+        else:
+            first = state.first_seen_ns or now_ns
+            span = max(0.0, (now_ns - first) / 1e9)
+            routes = list(state.totals.routes.values())
+        routes = [r for r in routes if r.count]
+        result.append(
+            {
+                "app": name,
+                "processes": len(state.processes),
+                "recording": sum(e.snapshot.control.recording for e in state.processes),
+                "window_seconds": round(span, 3) if span is not None else None,
+                "inbound": direction_summary(routes, Direction.INBOUND, span),
+                "outbound": direction_summary(routes, Direction.OUTBOUND, span),
+                "routes": [route_summary(r, span) for r in sorted(routes, key=lambda r: (-r.count, str(r.key)))],
+            }
+        )
+    body: dict[str, Any] = {
+        "window": query.get("window", "5m"),
+        "generated_at": now_ns / 1e9,
+        "applications": result,
+    }
+    if slowest:
+        body["slowest_requests"] = await daemon.slowest_records(app_filter, slowest, seconds)
+    return _json(body)
+
+
+def _control_call(what: str, action: Callable[[Daemon, str | None], actions.ActionResult]) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        daemon = request.app[DAEMON_KEY]
+        query = _params(request, ("app",))
+        app = _app_param(daemon, query)
+        result = action(daemon, app)
+        body = {"action": what, "app": app, **result.to_json()}
+        return _json(body, 200 if not result.failed or result.segments else 500)
+
+    return handler
+
+
+async def enable(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    query = _params(request, ("app",))
+    app = _app_param(daemon, query)
+    blocked = daemon.feature_flag_off(app)
+    if blocked:
+        raise ApiError(409, blocked)
+    result = daemon.set_enabled(app, True)
+    return _json({"action": "enable", "app": app, "enabled": True, **result.to_json()})
+
+
+async def disable(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    query = _params(request, ("app",))
+    app = _app_param(daemon, query)
+    result = daemon.set_enabled(app, False)
+    return _json({"action": "disable", "app": app, "enabled": False, **result.to_json()})
+
+
+async def retention_policy(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    query = _params(request, ("max_age_hours", "app"))
+    if "max_age_hours" not in query:
+        raise ApiError(400, "max_age_hours is required (hours, 0 for no limit)", "max_age_hours")
+    hours = number_param(query, "max_age_hours", 0, 100_000) or 0.0
+    app = _app_param(daemon, query)
+    result = daemon.set_retention(app, hours * 3600)
+    return _json({"action": "retention-policy", "app": app, "max_age_hours": hours, **result.to_json()})
+
+
+async def memory_usage(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    query = _params(request, ("app",))
+    app = _app_param(daemon, query)
+    return _json(daemon.memory_usage(app))
+
+
+async def production_metrics(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    query = _params(request, ("app",))
+    app = _app_param(daemon, query)
+    return _json(daemon.production_metrics(app))
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    daemon = request.app[DAEMON_KEY]
+    fmt = request.match_info["format"]
+    query = _params(request, ExportFilter.PARAMETERS)
+    _app_param(daemon, query)
+    try:
+        wanted = ExportFilter.from_query(query)
+    except ValueError as exc:
+        parameter = str(exc).split(" ", 1)[0]
+        raise ApiError(400, str(exc), parameter if parameter in ExportFilter.PARAMETERS else None) from None
+    return await stream_export(request, daemon, fmt, wanted)
+
+
+def make_app(daemon: Daemon, api_key: str | None) -> web.Application:
+    app = web.Application(
+        middlewares=[_errors, _auth_middleware(api_key, daemon.config.daemon.metrics_require_auth)],
+        client_max_size=64 * 1024,
+    )
+    app[DAEMON_KEY] = daemon
+    np = f"{PREFIX}/network-profiling"
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get(f"{PREFIX}/network-stats", network_stats)
+    app.router.add_post(f"{np}/enable", enable)
+    app.router.add_post(f"{np}/disable", disable)
+    app.router.add_get(f"{np}/export/{{format:json|csv|ndjson}}", export)
+    app.router.add_get(f"{np}/memory-usage", memory_usage)
+    app.router.add_post(
+        f"{np}/force-cleanup", _control_call("force-cleanup", lambda d, a: d.apply(a, SegmentControl.cleanup, "clean up"))
+    )
+    app.router.add_post(f"{np}/retention-policy", retention_policy)
+    app.router.add_get(f"{np}/production-metrics", production_metrics)
+    app.router.add_post(
+        f"{np}/reset-errors",
+        _control_call("reset-errors", lambda d, a: d.apply(a, SegmentControl.reset_errors, "reset errors")),
+    )
+    return app
+

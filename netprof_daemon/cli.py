@@ -1,0 +1,114 @@
+"""``netprofd --config FILE [--listen HOST:PORT] [--check]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from netprof_core import ConfigError
+
+from . import __version__
+from .config import DaemonConfig, load_daemon_config
+from .daemon import Daemon
+from .store import StoreLocked
+
+__all__ = ("main", "run")
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netprofd", description="Reads every profiled process on this host; serves the debug API and /metrics."
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", default=os.environ.get("NETPROF_CONFIG"),
+        help="TOML or JSON config (default: $NETPROF_CONFIG)",
+    )  # fmt: skip
+    parser.add_argument("--listen", metavar="HOST:PORT", help="overrides daemon.listen")
+    parser.add_argument("--check", action="store_true", help="validate the config, print every error, exit")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"netprofd {__version__}")
+    return parser
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:  # plain asyncio where uvloop is not installed
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+def _api_key(config: DaemonConfig) -> tuple[str | None, str | None]:
+    """(key, None) or (None, why the daemon may not start)."""
+    try:
+        key = config.api_key()
+    except ConfigError as exc:
+        return None, str(exc)
+    if key is None and config.daemon.require_auth:
+        return None, (
+            f"{config.source}: no API key: set NETPROF_API_KEY or daemon.api_key_file "
+            "(or, on a loopback address only, daemon.require_auth = false)"
+        )
+    return key, None
+
+
+async def _serve_with_signals(daemon: Daemon) -> None:
+    loop = asyncio.get_running_loop()
+    handled = {signal.SIGTERM: daemon.request_stop, signal.SIGINT: daemon.request_stop, signal.SIGHUP: daemon.request_reload}
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+    for sig, handler in handled.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        await daemon.serve()
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+
+def run(coro_factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(coro_factory())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not args.config:
+        print("netprofd: no config: pass --config FILE or set NETPROF_CONFIG", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = load_daemon_config(args.config, listen=args.listen)
+    except ConfigError as exc:
+        print(f"netprofd: {len(exc.problems)} error(s) in the configuration:", file=sys.stderr)
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    key, refusal = _api_key(config)
+    if refusal:
+        print(f"netprofd: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        auth = "bearer key" if key else "no auth (loopback only)"
+        print(f"{args.config}: OK (listen {config.daemon.listen}, {auth}, segments in {config.profiling.segment_dir})")
+        return 0
+    daemon = Daemon(config, api_key=key)
+    try:
+        run(lambda: _serve_with_signals(daemon))
+    except StoreLocked as exc:
+        print(f"netprofd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as exc:
+        print(f"netprofd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0

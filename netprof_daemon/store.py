@@ -1,0 +1,256 @@
+"""Every profiled process on the host: discovery, one snapshot per tick, and
+the folding of ended processes into their application's retired totals."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from netprof_core import SegmentBusy, SegmentError, SegmentReader, SegmentSnapshot
+from netprof_core._layout import DAEMON_LOCK_NAME
+from netprof_core.segment import process_alive, segment_paths
+
+from .log import store_logger
+from .totals import Totals
+
+__all__ = ("AppState", "ProcessEntry", "SegmentStore", "StoreLocked")
+
+RETIRED_FILE = "retired.json"
+
+
+class StoreLocked(RuntimeError):
+    """Another netprofd already watches this segment directory."""
+
+
+@dataclass(slots=True)
+class ProcessEntry:
+    """A live profiled process, known by pid and start time."""
+
+    path: str
+    reader: SegmentReader
+    snapshot: SegmentSnapshot
+    sequence: int  # the live sequence counter when ``snapshot`` was taken
+
+    @property
+    def pid(self) -> int:
+        return self.snapshot.header.pid
+
+    @property
+    def app(self) -> str:
+        return self.snapshot.app_name
+
+
+@dataclass(slots=True)
+class AppState:
+    """One application at one tick: its live processes and its cumulative totals."""
+
+    name: str
+    processes: list[ProcessEntry] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+    first_seen_ns: int = 0  # the earliest segment creation seen: "since start"
+
+
+class SegmentStore:
+    """Reads every segment in ``segment_dir``; :meth:`refresh` is one tick.
+
+    A segment whose process ended (closed at exit, or its pid gone or reused) is
+    read one last time, added to its application's retired totals, saved, and
+    only then removed. A file that is not a segment is logged once and skipped.
+    """
+
+    def __init__(self, segment_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> None:
+        self.segment_dir = Path(segment_dir)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.entries: dict[str, ProcessEntry] = {}
+        self.retired: dict[str, Totals] = {}
+        self.first_seen_ns: dict[str, int] = {}
+        self._refused: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) when it was refused
+        self._lock_fd: int | None = None
+        # Called with each process found alive, before its first tick counts.
+        self.on_discover: Callable[[ProcessEntry], None] | None = None
+        self.ticks = 0
+        self.last_tick_ns = 0
+        self.last_tick_seconds = 0.0
+        self._load_retired()
+
+    # -- the lock: apps leave ended segments to a running daemon --------------
+
+    def lock(self) -> None:
+        """Take the directory's daemon lock; StoreLocked if another daemon holds it."""
+        self.segment_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        fd = os.open(self.segment_dir / DAEMON_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise StoreLocked(f"another netprofd is watching {self.segment_dir}") from None
+            raise
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        for entry in self.entries.values():
+            entry.reader.close()
+        self.entries.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    # -- one tick ---------------------------------------------------------------
+
+    def refresh(self) -> None:
+        started = time.perf_counter()
+        present = {os.fspath(path) for path in segment_paths(self.segment_dir)}
+        for path in list(self.entries):
+            if path not in present:
+                # Removed behind our back: the last snapshot is all there is.
+                store_logger.warning("segment %s vanished; keeping its last counts", path)
+                self._retire(self.entries.pop(path), None)
+        for path in sorted(present - self.entries.keys()):
+            self._discover(path)
+        for path, entry in list(self.entries.items()):
+            self._update(path, entry)
+        self.ticks += 1
+        self.last_tick_ns = time.time_ns()
+        self.last_tick_seconds = time.perf_counter() - started
+
+    def _discover(self, path: str) -> None:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return
+        fingerprint = (info.st_size, info.st_mtime_ns)
+        if self._refused.get(path) == fingerprint:
+            return  # already logged; retried when the file changes
+        try:
+            reader = SegmentReader(path)
+        except (SegmentError, OSError) as exc:
+            self._refuse(path, fingerprint, exc)
+            return
+        try:
+            snapshot = reader.snapshot(records=False)
+        except (SegmentError, OSError) as exc:
+            reader.close()
+            self._refuse(path, fingerprint, exc)
+            return
+        self._refused.pop(path, None)
+        entry = ProcessEntry(path, reader, snapshot, reader.live_sequence())
+        store_logger.info("found %s: app %s, pid %d", path, entry.app, entry.pid)
+        first = self.first_seen_ns.get(entry.app)
+        created = snapshot.header.created_ns
+        self.first_seen_ns[entry.app] = created if first is None else min(first, created)
+        if snapshot.source == "final":
+            self._retire(entry, snapshot)
+        else:
+            self.entries[path] = entry
+            if self.on_discover is not None:
+                self.on_discover(entry)
+
+    def _refuse(self, path: str, fingerprint: tuple[int, int], exc: Exception) -> None:
+        if isinstance(exc, SegmentError) and exc.errno == errno.ENOENT:
+            return  # it ended and went away between the listing and the open
+        self._refused[path] = fingerprint
+        store_logger.warning("skipping %s: %s", path, exc)
+
+    def _update(self, path: str, entry: ProcessEntry) -> None:
+        header = entry.snapshot.header
+        ended = not process_alive(header.pid, header.start_ticks)
+        sequence = entry.reader.live_sequence()
+        if sequence == entry.sequence and not ended and not entry.reader.closed_ns():
+            return  # nothing recorded since the last tick: the snapshot stands
+        try:
+            snapshot = entry.reader.snapshot(records=False)
+        except SegmentBusy as exc:
+            store_logger.warning("%s; keeping the previous snapshot", exc)
+            return
+        except (SegmentError, OSError) as exc:
+            store_logger.warning("cannot read %s any more (%s); keeping its last counts", path, exc)
+            del self.entries[path]
+            self._retire(entry, None)
+            return
+        entry.snapshot = snapshot
+        entry.sequence = sequence
+        if snapshot.source == "final":
+            del self.entries[path]
+            self._retire(entry, snapshot)
+
+    def _retire(self, entry: ProcessEntry, final: SegmentSnapshot | None) -> None:
+        """Fold an ended process into its app's retired totals, then remove its segment."""
+        snapshot = final or entry.snapshot
+        self.retired.setdefault(entry.app, Totals()).add_snapshot(snapshot)
+        entry.reader.close()
+        self._save_retired()
+        if final is not None:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                store_logger.warning("cannot remove ended segment %s: %s", entry.path, exc)
+        store_logger.info(
+            "process %d of %s ended: %d requests folded into its totals",
+            entry.pid,
+            entry.app,
+            snapshot.counters.requests,
+        )
+
+    # -- what the API and /metrics read ----------------------------------------
+
+    def apps(self) -> dict[str, AppState]:
+        """Per application, its live processes and cumulative totals (retired + live)."""
+        states: dict[str, AppState] = {}
+        for name, retired in self.retired.items():
+            states[name] = AppState(name, totals=retired.copy())
+        for entry in self.entries.values():
+            state = states.setdefault(entry.app, AppState(entry.app))
+            state.processes.append(entry)
+            state.totals.add_snapshot(entry.snapshot)
+        for name, state in states.items():
+            state.first_seen_ns = self.first_seen_ns.get(name, 0)
+        return states
+
+    def live(self, app: str | None = None) -> Iterator[ProcessEntry]:
+        for entry in list(self.entries.values()):
+            if app is None or entry.app == app:
+                yield entry
+
+    def app_names(self) -> set[str]:
+        return {entry.app for entry in self.entries.values()} | set(self.retired)
+
+    # -- persistence of the retired totals ---------------------------------------
+
+    def _retired_path(self) -> Path | None:
+        return self.state_dir / RETIRED_FILE if self.state_dir is not None else None
+
+    def _load_retired(self) -> None:
+        path = self._retired_path()
+        if path is None or not path.exists():
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.retired = {app: Totals.from_json(totals) for app, totals in data["apps"].items()}
+            self.first_seen_ns = {app: int(ns) for app, ns in data.get("first_seen_ns", {}).items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            store_logger.error("ignoring unreadable %s: %s", path, exc)
+
+    def _save_retired(self) -> None:
+        path = self._retired_path()
+        if path is None:
+            return
+        data = {
+            "apps": {app: totals.to_json() for app, totals in self.retired.items()},
+            "first_seen_ns": self.first_seen_ns,
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".tmp")
+            partial.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(partial, path)  # atomic: a crash leaves the old file or the new one
+        except OSError as exc:
+            store_logger.error("cannot save retired totals to %s: %s", path, exc)
