@@ -16,14 +16,16 @@ if sys.byteorder != "little":  # the cores write native words into a little-endi
 
 if TYPE_CHECKING:
     from ._recorder_py import RecorderCore as RecorderCore
+    from ._recorder_py import add_counts as add_counts
+    from ._recorder_py import subtract_counts as subtract_counts
 else:
     if NO_EXTENSIONS:
-        from ._recorder_py import RecorderCore
+        from ._recorder_py import RecorderCore, add_counts, subtract_counts
     else:
         try:
-            from ._recorder_c import RecorderCore
+            from ._recorder_c import RecorderCore, add_counts, subtract_counts
         except ImportError:  # the build is made to fail loudly; this is an editable tree
-            from ._recorder_py import RecorderCore
+            from ._recorder_py import RecorderCore, add_counts, subtract_counts
 
 def implementation_of(core_class: type) -> str:
     return "cython" if core_class.__module__.endswith("_recorder_c") else "python"

@@ -347,3 +347,29 @@ cdef class EmptyRecorder:
 
     def record(self, route_id, status, start_ns, end_ns, bytes_in=0, bytes_out=0, error_kind=0, ttfb_ns=0):
         pass
+
+
+# -- bucket arithmetic for readers: the twins of _recorder_py's ----------------
+
+
+def add_counts(uint64_t[::1] into not None, const uint64_t[::1] values not None) -> None:
+    """``into[i] += values[i]`` for every i (two u64 arrays of one length)."""
+    cdef Py_ssize_t i, n = into.shape[0]
+    if values.shape[0] != n:
+        raise ValueError(f"cannot add {values.shape[0]} counts to {n}")
+    for i in range(n):
+        into[i] += values[i]
+
+
+def subtract_counts(uint64_t[::1] into not None, const uint64_t[::1] values not None) -> bool:
+    """``into[i] -= values[i]`` for every i, if no count would go below zero;
+    else leaves ``into`` unchanged and returns False."""
+    cdef Py_ssize_t i, n = into.shape[0]
+    if values.shape[0] != n:
+        raise ValueError(f"cannot subtract {values.shape[0]} counts from {n}")
+    for i in range(n):
+        if into[i] < values[i]:
+            return False
+    for i in range(n):
+        into[i] -= values[i]
+    return True

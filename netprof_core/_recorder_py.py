@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,9 @@ class RecorderCore:
     logging is on, at most once a second.
     """
 
-    def __init__(self, buf: object, layout: L.SegmentLayout, seed: int, on_slow: SlowCallback | None = None) -> None:
+    def __init__(
+        self, buf: object, layout: L.SegmentLayout, seed: int, on_slow: SlowCallback | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._layout = layout
         self._slots = layout.route_slots
@@ -166,8 +169,7 @@ class RecorderCore:
             if slow:
                 w[r + L.R_SLOW] += 1
             w[r + L.R_SUM_NS] = (w[r + L.R_SUM_NS] + duration) & MASK64
-            if duration > w[r + L.R_MAX_NS]:
-                w[r + L.R_MAX_NS] = duration
+            w[r + L.R_MAX_NS] = max(w[r + L.R_MAX_NS], duration)
             w[r + L.R_BYTES_IN] = (w[r + L.R_BYTES_IN] + bytes_in) & MASK64
             w[r + L.R_BYTES_OUT] = (w[r + L.R_BYTES_OUT] + bytes_out) & MASK64
             w[r + L.R_TTFB_SUM_NS] = (w[r + L.R_TTFB_SUM_NS] + ttfb_ns) & MASK64
@@ -203,8 +205,7 @@ class RecorderCore:
                 spent = time.monotonic_ns() - t0
                 w[g + L.G_OVERHEAD_COUNT] += 1
                 w[g + L.G_OVERHEAD_SUM_NS] = (w[g + L.G_OVERHEAD_SUM_NS] + spent) & MASK64
-                if spent > w[g + L.G_OVERHEAD_MAX_NS]:
-                    w[g + L.G_OVERHEAD_MAX_NS] = spent
+                w[g + L.G_OVERHEAD_MAX_NS] = max(w[g + L.G_OVERHEAD_MAX_NS], spent)
                 w[g + L.OVERHEAD_HIST + L.bucket_index(spent)] += 1
                 self._dirty[self._slots] = 1
         finally:
@@ -302,3 +303,29 @@ class RecorderCore:
         suppressed, self._slow_suppressed = self._slow_suppressed, 0
         self._last_slow_log_ns = now_ns
         self._on_slow(route_id, duration_ns, status, suppressed)  # type: ignore[misc]
+
+
+# -- bucket arithmetic for readers (histograms summed over processes) ----------
+# The counts, read as one little-endian integer, are 64-bit lanes: adding two
+# such integers adds every bucket at once, at C speed (no count comes near
+# 2**64, so no carry crosses lanes).
+
+
+def add_counts(into: array[int], values: array[int] | memoryview) -> None:
+    """``into[i] += values[i]`` for every i (two u64 arrays of one length)."""
+    if len(into) != len(values):
+        raise ValueError(f"cannot add {len(values)} counts to {len(into)}")
+    total = int.from_bytes(into.tobytes(), "little") + int.from_bytes(values.tobytes(), "little")
+    into[:] = array("Q", total.to_bytes(8 * len(into), "little"))
+
+
+def subtract_counts(into: array[int], values: array[int] | memoryview) -> bool:
+    """``into[i] -= values[i]`` for every i, if no count would go below zero;
+    else leaves ``into`` unchanged and returns False."""
+    if len(into) != len(values):
+        raise ValueError(f"cannot subtract {len(values)} counts from {len(into)}")
+    if any(a < b for a, b in zip(into, values)):
+        return False
+    rest = int.from_bytes(into.tobytes(), "little") - int.from_bytes(values.tobytes(), "little")
+    into[:] = array("Q", rest.to_bytes(8 * len(into), "little"))
+    return True

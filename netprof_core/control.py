@@ -125,9 +125,10 @@ class SegmentControl:
     def state(self) -> ControlState:
         return ControlState.from_buffer(self._buf)
 
-    def enable(self) -> None:
-        """Turn recording on; this also lifts an auto-disable."""
-        self.reset_errors()
+    def enable(self, *, lift_auto_disable: bool = True) -> None:
+        """Turn recording on; this also lifts an auto-disable unless told not to."""
+        if lift_auto_disable:
+            self.reset_errors()
         self._set(L.C_ENABLED, 1)
 
     def disable(self) -> None:

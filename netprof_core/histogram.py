@@ -7,24 +7,9 @@ from array import array
 from collections.abc import Iterable, Iterator
 
 from ._layout import HIST_BUCKETS, bucket_bounds, bucket_index
+from ._recorder import add_counts, subtract_counts
 
 __all__ = ("Histogram",)
-
-
-# Bucket arithmetic on whole histograms at C speed: the counts, read as one
-# little-endian integer, are 64-bit lanes, and adding two such integers adds
-# every bucket at once (no bucket comes near 2**64, so no carry crosses lanes).
-_HIST_BYTES = 8 * HIST_BUCKETS
-
-
-def _counts_to_lanes(counts: array[int]) -> int:
-    return int.from_bytes(counts.tobytes(), "little")
-
-
-def _lanes_to_counts(lanes: int) -> array[int]:
-    counts = array("Q")
-    counts.frombytes(lanes.to_bytes(_HIST_BYTES, "little"))
-    return counts
 
 
 class Histogram:
@@ -77,7 +62,7 @@ class Histogram:
         return merged
 
     def __iadd__(self, other: Histogram) -> Histogram:
-        self.counts = _lanes_to_counts(_counts_to_lanes(self.counts) + _counts_to_lanes(other.counts))
+        add_counts(self.counts, other.counts)
         self.max_ns = None if self.max_ns is None or other.max_ns is None else max(self.max_ns, other.max_ns)
         return self
 
@@ -85,10 +70,8 @@ class Histogram:
         """What was recorded since ``earlier`` (a former state of the same
         cumulative histogram). The maximum of the interval is not known; the
         later one is kept as an upper bound."""
-        lanes = _counts_to_lanes(self.counts) - _counts_to_lanes(earlier.counts)
-        # A bucket that went down borrows from the next lane, which shows in the total.
-        diff = Histogram(_lanes_to_counts(lanes) if lanes >= 0 else None, self.max_ns)
-        if lanes < 0 or diff.count != self.count - earlier.count:
+        diff = Histogram(self.counts, self.max_ns)
+        if not subtract_counts(diff.counts, earlier.counts):
             raise ValueError("cannot subtract a histogram that is not an earlier state")
         return diff
 

@@ -12,10 +12,12 @@ import errno
 import mmap
 import os
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from . import _layout as L
+from ._recorder import add_counts, subtract_counts
 from .control import ControlState, SegmentControl, read_control_words
 from .histogram import Histogram
 from .log import segment_logger
@@ -26,6 +28,7 @@ __all__ = (
     "RequestRecord",
     "RouteKey",
     "RouteStats",
+    "RouteSums",
     "SegmentBusy",
     "SegmentReader",
     "SegmentSnapshot",
@@ -90,6 +93,59 @@ class RouteStats:
         )
 
 
+class RouteSums:
+    """A route's statistics summed over processes, kept as one route block of
+    the segment layout (counters, then histogram buckets) so that adding a
+    process is one pass of u64 additions, with no object per bucket."""
+
+    __slots__ = ("key", "max_ns", "words")
+
+    def __init__(self, key: RouteKey) -> None:
+        self.key = key
+        self.words = array("Q", bytes(L.ROUTE_BLOCK_WORDS * L.WORD))
+        self.max_ns = 0
+
+    def add_block(self, block: memoryview | array[int]) -> None:
+        """Add a route block (u64 words) read from a segment."""
+        add_counts(self.words, block)
+        self.max_ns = max(self.max_ns, block[L.R_MAX_NS])
+
+    def subtract_block(self, block: memoryview | array[int]) -> None:
+        """Take away a block added before (the maximum stays: the largest ever seen)."""
+        if not subtract_counts(self.words, block):
+            raise ValueError(f"{self.key}: subtracting a route block that was never added")
+
+    def add(self, other: RouteSums) -> None:
+        add_counts(self.words, other.words)
+        self.max_ns = max(self.max_ns, other.max_ns)
+
+    def copy(self) -> RouteSums:
+        twin = RouteSums(self.key)
+        twin.add(self)
+        return twin
+
+    @property
+    def count(self) -> int:
+        return self.words[L.R_COUNT]  # type: ignore[no-any-return]
+
+    def stats(self) -> RouteStats:
+        w = self.words
+        return RouteStats(
+            key=self.key,
+            count=w[L.R_COUNT],
+            errors=w[L.R_ERRORS],
+            slow=w[L.R_SLOW],
+            sum_ns=w[L.R_SUM_NS],
+            max_ns=self.max_ns,  # the words hold a sum of maxima
+            bytes_in=w[L.R_BYTES_IN],
+            bytes_out=w[L.R_BYTES_OUT],
+            ttfb_sum_ns=w[L.R_TTFB_SUM_NS],
+            status_classes=tuple(w[L.R_STATUS_CLASSES : L.R_STATUS_CLASSES + L.STATUS_CLASSES]),
+            error_kinds=tuple(w[L.R_ERROR_KINDS : L.R_ERROR_KINDS + L.ERROR_KINDS]),
+            histogram=Histogram(w[L.ROUTE_HEADER_WORDS :], self.max_ns),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
     index: int
@@ -139,10 +195,41 @@ class SegmentSnapshot:
     source: str
     # False when the writer died inside an update: one request may be half-applied.
     complete: bool = True
+    # The statistics copy itself, and the names of its routes by id: what
+    # :meth:`route_blocks` sums from when ``routes`` was not built.
+    stats: bytes = field(default=b"", repr=False, compare=False)
+    route_keys: tuple[RouteKey, ...] = field(default=(), repr=False, compare=False)
+    control_words: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def app_name(self) -> str:
         return self.header.app_name
+
+    def changed_route_blocks(
+        self, earlier: SegmentSnapshot
+    ) -> Iterator[tuple[RouteKey, memoryview | None, memoryview]]:
+        """(key, block then or None, block now) of each route that recorded
+        since ``earlier``, a snapshot of the same segment. A route's block
+        changes only with its count, so unchanged routes cost one comparison."""
+        now = memoryview(self.stats).cast("Q")
+        then = memoryview(earlier.stats).cast("Q")
+        known = len(earlier.route_keys)
+        size = L.ROUTE_BLOCK_WORDS
+        for route_id, key in enumerate(self.route_keys):
+            start = L.ROUTES_START + route_id * size
+            if route_id < known:
+                if now[start + L.R_COUNT] == then[start + L.R_COUNT]:
+                    continue
+                yield key, then[start : start + size], now[start : start + size]
+            else:
+                yield key, None, now[start : start + size]
+
+    def route_blocks(self) -> Iterator[tuple[RouteKey, memoryview]]:
+        """Each route's block of u64 words (see ``_layout``), for :class:`RouteSums`."""
+        words = memoryview(self.stats).cast("Q")
+        for route_id, key in enumerate(self.route_keys):
+            start = L.ROUTES_START + route_id * L.ROUTE_BLOCK_WORDS
+            yield key, words[start : start + L.ROUTE_BLOCK_WORDS]
 
     @property
     def memory_bytes(self) -> int:
@@ -162,7 +249,10 @@ class SegmentReader:
     ) -> None:
         """``mapped``: a buffer and header the caller already holds, and closes."""
         self.path = os.fspath(path)
+        self._keys: tuple[RouteKey, ...] = ()
+        self._control_seen: tuple[tuple[int, ...], ControlState] | None = None
         self._owns_buffer = mapped is None
+        self._fd: int | None = None
         if mapped is not None:
             self._buf, self.header = mapped
             self._control: SegmentControl | None = SegmentControl(self._buf, self.header)
@@ -179,10 +269,28 @@ class SegmentReader:
                 raise
             self._buf, self.header = map_segment(path)
             self._control = None
+        # Bulk reads (statistics, ring) go through pread: the pages stay in the
+        # page cache without being mapped into this process, so a daemon
+        # reading many segments does not carry them all in its RSS.
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    def _read(self, offset: int, size: int) -> bytes:
+        if self._fd is None:
+            return self._buf[offset : offset + size]
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise SegmentError(self.path, f"truncated while being read: {len(data)} of {size} bytes at {offset}")
+        return data
 
     def close(self) -> None:
         if self._owns_buffer:
             self._buf.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> SegmentReader:
         return self
@@ -200,33 +308,59 @@ class SegmentReader:
         a reader can tell at the cost of one load whether anything changed."""
         return self._word(self.layout.live_offset)
 
+    def control_words(self) -> tuple[int, ...]:
+        """The control block's words as they are now (cheap: one unpack)."""
+        return read_control_words(self._buf)
+
     def closed_ns(self) -> int:
         """When the writer closed the segment at exit (wall clock, ns); 0 while open."""
         return self._word(L.CLOSED_NS_OFFSET)
 
-    def snapshot(self, *, records: bool = True, timeout: float = 1.0, now_ns: int | None = None) -> SegmentSnapshot:
+    def snapshot(
+        self,
+        *,
+        records: bool = True,
+        routes: bool = True,
+        timeout: float = 1.0,
+        now_ns: int | None = None,
+        alive: bool | None = None,
+    ) -> SegmentSnapshot:
+        """A consistent snapshot. ``routes=False`` leaves ``routes`` empty (sum
+        :meth:`SegmentSnapshot.route_blocks` instead: no object per route);
+        ``alive``: whether the writer is alive, when the caller just checked."""
         buf = self._buf
         # Only the route blocks in use are copied. The count is read before the
         # copy: a route is named before the count that makes it visible is
         # raised, and one interned during the copy shows at the next snapshot.
         route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
         if not 1 <= route_count <= self.layout.route_slots:
-            raise SegmentError(self.path, f"corrupt route table: {route_count} routes in {self.layout.route_slots} slots")
-        stats, source, complete = self._consistent_stats(timeout, self.layout.route_block(route_count) * L.WORD)
+            raise SegmentError(
+                self.path, f"corrupt route table: {route_count} routes in {self.layout.route_slots} slots"
+            )
+        stats, source, complete = self._consistent_stats(
+            timeout, self.layout.route_block(route_count) * L.WORD
+        )
         words = memoryview(stats).cast("Q")
         header = self.header
         closed_ns = self._word(L.CLOSED_NS_OFFSET)
         if closed_ns != header.closed_ns:
             header = replace(header, closed_ns=closed_ns)
-        if source == "live" and (closed_ns or not process_alive(header.pid, header.start_ticks)):
+        if alive is None and source == "live" and not closed_ns:
+            alive = process_alive(header.pid, header.start_ticks)
+        if source == "live" and (closed_ns or not alive):
             # Closing at exit is best effort (a process killed by a signal
             # skips it): a writer that is gone is gone either way.
             source = "final"
         control_words = read_control_words(buf)
-        control = ControlState.from_words(control_words)
-        keys = [self._route_key(route_id) for route_id in range(route_count)]
-        routes = tuple(
-            _route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys)
+        if self._control_seen is None or control_words != self._control_seen[0]:
+            # Most snapshots see the settings the last one saw.
+            self._control_seen = (control_words, ControlState.from_words(control_words))
+        control = self._control_seen[1]
+        keys = self._route_keys(route_count)
+        built = (
+            tuple(_route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys))
+            if routes
+            else ()
         )
         counters = Counters(
             requests=words[L.G_NEXT_INDEX],
@@ -246,7 +380,28 @@ class SegmentReader:
         )
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(words[L.G_NEXT_INDEX], control, keys, now) if records else ()
-        return SegmentSnapshot(self.path, header, control, counters, routes, found, now, source, complete)
+        return SegmentSnapshot(
+            self.path,
+            header,
+            control,
+            counters,
+            built,
+            found,
+            now,
+            source,
+            complete,
+            stats,
+            keys,
+            control_words,
+        )
+
+    def _route_keys(self, route_count: int) -> tuple[RouteKey, ...]:
+        """The names of the first ``route_count`` routes. An entry never changes
+        once its count is visible, so the names read before are kept."""
+        known = self._keys
+        if len(known) < route_count:
+            known = self._keys = known + tuple(self._route_key(i) for i in range(len(known), route_count))
+        return known[:route_count]
 
     def _route_key(self, route_id: int) -> RouteKey:
         direction, method, template = L.ROUTE_NAME_STRUCT.unpack_from(
@@ -266,7 +421,7 @@ class SegmentReader:
         seq_before = self._word(offset)
         if seq_before & 1:
             return None
-        data = self._buf[offset : offset + size]
+        data = self._read(offset, size)
         return data if self._word(offset) == seq_before else None
 
     def _word(self, offset: int) -> int:
@@ -283,7 +438,7 @@ class SegmentReader:
         if not process_alive(self.header.pid, self.header.start_ticks):
             # The writer died; an odd counter means inside an update.
             seq = self._word(live)
-            return self._buf[live : live + size], "final", not seq & 1
+            return self._read(live, size), "final", not seq & 1
         published = self.layout.published_offset
         published_before = self._word(published)
         if self._control is not None:
@@ -304,7 +459,7 @@ class SegmentReader:
         raise SegmentBusy(self.path, f"no consistent copy within {timeout} s (writer busy)")
 
     def _records(
-        self, next_index: int, control: ControlState, keys: list[RouteKey], now_ns: int
+        self, next_index: int, control: ControlState, keys: tuple[RouteKey, ...], now_ns: int
     ) -> tuple[RequestRecord, ...]:
         """The ring's complete records counted in this snapshot, oldest first."""
         capacity = control.ring_capacity
@@ -319,9 +474,9 @@ class SegmentReader:
             start, end = base + first * L.RECORD_SIZE, base + (first + slots) * L.RECORD_SIZE
             # Sequence words before, the records, sequence words after: a record
             # is whole if its sequence word was even and the same both times.
-            before = memoryview(self._buf[start:end]).cast("Q")
-            data = memoryview(self._buf[start:end]).cast("Q")
-            after = memoryview(self._buf[start:end]).cast("Q")
+            before = memoryview(self._read(start, end - start)).cast("Q")
+            data = memoryview(self._read(start, end - start)).cast("Q")
+            after = memoryview(self._read(start, end - start)).cast("Q")
             for at in range(0, slots * L.RECORD_WORDS, L.RECORD_WORDS):
                 seq = before[at]
                 if seq == 0 or seq & 1 or after[at] != seq:
@@ -341,7 +496,9 @@ class SegmentReader:
                         route=keys[route_id] if route_id < len(keys) else keys[L.OVERFLOW_ROUTE_ID],
                         route_id=route_id,
                         status=status,
-                        error_kind=_ERROR_KINDS[error_kind] if error_kind < L.ERROR_KINDS else L.ErrorKind.OTHER,
+                        error_kind=_ERROR_KINDS[error_kind]
+                        if error_kind < L.ERROR_KINDS
+                        else L.ErrorKind.OTHER,
                         bytes_in=data[at + L.REC_BYTES_IN],
                         bytes_out=data[at + L.REC_BYTES_OUT],
                         ttfb_ns=data[at + L.REC_TTFB_NS],
@@ -375,7 +532,9 @@ def _histogram(words: memoryview, start: int, max_ns: int) -> Histogram:
     return Histogram.from_bytes(words[start : start + L.HIST_BUCKETS].cast("B"), max_ns)
 
 
-def read_segment(path: str | os.PathLike[str], *, records: bool = True, timeout: float = 1.0) -> SegmentSnapshot:
+def read_segment(
+    path: str | os.PathLike[str], *, records: bool = True, timeout: float = 1.0
+) -> SegmentSnapshot:
     """A consistent snapshot of one segment; SegmentError if it is not one."""
     with SegmentReader(path) as reader:
         return reader.snapshot(records=records, timeout=timeout)
@@ -407,4 +566,3 @@ def merge_routes(snapshots: Iterable[SegmentSnapshot]) -> dict[tuple[str, RouteK
             key = (snapshot.app_name, route.key)
             merged[key] = merged[key] + route if key in merged else route
     return merged
-

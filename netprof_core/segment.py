@@ -113,13 +113,20 @@ def parse_header(
 
 def process_start_ticks(pid: int) -> int | None:
     """The start time of ``pid`` in clock ticks since boot (/proc), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
+    try:  # os-level calls: the daemon asks this of every process at every tick
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # The command name may hold spaces and parentheses: fields follow the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # a zombie has ended; only its exit status waits for its parent
+        return None
     return int(fields[19])
 
 

@@ -53,10 +53,12 @@ def apply(entries: Iterable[ProcessEntry], action: Action, what: str) -> ActionR
 
 
 def push_settings(control: SegmentControl, config: ProfilingConfig) -> None:
-    """The run-time settings a config holds, into one segment (on SIGHUP)."""
+    """The run-time settings a config holds, into one segment (on SIGHUP).
+    The daemon's file is the host's one configuration: its settings replace
+    what each app started with, as the guide's rollback expects."""
     control.set_feature_flag(config.feature_flag_enabled)
     if config.enabled:
-        control.enable()
+        control.enable(lift_auto_disable=False)  # only /enable and reset-errors lift it
     else:
         control.disable()
     control.set_sample_rate(config.sample_rate)
@@ -88,7 +90,9 @@ class ControlMemory:
             actions.append((lambda c: push_settings(c, config), "apply the reloaded config"))
         on = self.enabled.get(entry.app, self.enabled.get(None))
         if on is not None:
-            actions.append((SegmentControl.enable if on else SegmentControl.disable, "enable" if on else "disable"))
+            actions.append(
+                (SegmentControl.enable if on else SegmentControl.disable, "enable" if on else "disable")
+            )
         if self.retention_seconds is not None:
             seconds = self.retention_seconds
             actions.append((lambda c: c.set_retention(seconds), "set retention"))

@@ -65,11 +65,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = {404: f"no such path: {request.path}", 405: f"{request.method} is not allowed on {request.path}"}
+        message = {
+            404: f"no such path: {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+        }
         return _json_error(exc.status, message.get(exc.status, exc.reason))
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001  (a bug of ours: answer 500, keep serving)
         api_logger.exception("%s %s failed", request.method, request.path)
         return _json_error(500, "internal error in netprofd; see its log")
 
@@ -108,7 +111,9 @@ def _params(request: web.Request, allowed: tuple[str, ...]) -> Mapping[str, str]
     return request.query
 
 
-def number_param(query: Mapping[str, str], name: str, lo: float, hi: float, *, integer: bool = False) -> float | None:
+def number_param(
+    query: Mapping[str, str], name: str, lo: float, hi: float, *, integer: bool = False
+) -> float | None:
     text = query.get(name)
     if text is None:
         return None
@@ -137,7 +142,11 @@ async def healthz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
     age = daemon.last_tick_age()
     healthy = age is not None and age < max(5.0, 5 * daemon.config.daemon.tick_seconds)
-    body = {"status": "ok" if healthy else "stalled", "ticks": daemon.store.ticks, "last_tick_age_seconds": age}
+    body = {
+        "status": "ok" if healthy else "stalled",
+        "ticks": daemon.store.ticks,
+        "last_tick_age_seconds": age,
+    }
     return _json(body, 200 if healthy else 503)
 
 
@@ -155,7 +164,9 @@ async def network_stats(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ApiError(400, str(exc), "window") from None
     app_filter = _app_param(daemon, query)
-    slowest = int(number_param(query, "slowest", 0, MAX_SLOWEST, integer=True) or 0) if "slowest" in query else 10
+    slowest = (
+        int(number_param(query, "slowest", 0, MAX_SLOWEST, integer=True) or 0) if "slowest" in query else 10
+    )
 
     now_ns = daemon.store.last_tick_ns
     apps = {name: state for name, state in daemon.apps.items() if app_filter in (None, name)}
@@ -164,11 +175,11 @@ async def network_stats(request: web.Request) -> web.Response:
     for name, state in sorted(apps.items()):
         if windows is not None:
             span: float | None = windows[name].seconds
-            routes = list(windows[name].totals.routes.values())
+            routes = list(windows[name].routes.values())
         else:
             first = state.first_seen_ns or now_ns
             span = max(0.0, (now_ns - first) / 1e9)
-            routes = list(state.totals.routes.values())
+            routes = list(state.routes.values())
         routes = [r for r in routes if r.count]
         result.append(
             {
@@ -178,7 +189,9 @@ async def network_stats(request: web.Request) -> web.Response:
                 "window_seconds": round(span, 3) if span is not None else None,
                 "inbound": direction_summary(routes, Direction.INBOUND, span),
                 "outbound": direction_summary(routes, Direction.OUTBOUND, span),
-                "routes": [route_summary(r, span) for r in sorted(routes, key=lambda r: (-r.count, str(r.key)))],
+                "routes": [
+                    route_summary(r, span) for r in sorted(routes, key=lambda r: (-r.count, str(r.key)))
+                ],
             }
         )
     body: dict[str, Any] = {
@@ -275,7 +288,8 @@ def make_app(daemon: Daemon, api_key: str | None) -> web.Application:
     app.router.add_get(f"{np}/export/{{format:json|csv|ndjson}}", export)
     app.router.add_get(f"{np}/memory-usage", memory_usage)
     app.router.add_post(
-        f"{np}/force-cleanup", _control_call("force-cleanup", lambda d, a: d.apply(a, SegmentControl.cleanup, "clean up"))
+        f"{np}/force-cleanup",
+        _control_call("force-cleanup", lambda d, a: d.apply(a, SegmentControl.cleanup, "clean up")),
     )
     app.router.add_post(f"{np}/retention-policy", retention_policy)
     app.router.add_get(f"{np}/production-metrics", production_metrics)
@@ -284,4 +298,3 @@ def make_app(daemon: Daemon, api_key: str | None) -> web.Application:
         _control_call("reset-errors", lambda d, a: d.apply(a, SegmentControl.reset_errors, "reset errors")),
     )
     return app
-

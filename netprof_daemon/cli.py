@@ -26,7 +26,8 @@ EXIT_RUNTIME = 1
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="netprofd", description="Reads every profiled process on this host; serves the debug API and /metrics."
+        prog="netprofd",
+        description="Reads every profiled process on this host; serves the debug API and /metrics.",
     )
     parser.add_argument(
         "--config", metavar="FILE", default=os.environ.get("NETPROF_CONFIG"),
@@ -63,16 +64,20 @@ def _api_key(config: DaemonConfig) -> tuple[str | None, str | None]:
 
 async def _serve_with_signals(daemon: Daemon) -> None:
     loop = asyncio.get_running_loop()
-    handled = {signal.SIGTERM: daemon.request_stop, signal.SIGINT: daemon.request_stop, signal.SIGHUP: daemon.request_reload}
+    handled: dict[signal.Signals, Callable[[], None]] = {
+        signal.SIGTERM: daemon.request_stop,
+        signal.SIGINT: daemon.request_stop,
+        signal.SIGHUP: daemon.request_reload,
+    }
     previous = {sig: signal.getsignal(sig) for sig in handled}
     for sig, handler in handled.items():
         loop.add_signal_handler(sig, handler)
     try:
         await daemon.serve()
     finally:
-        for sig, handler in previous.items():
+        for sig, before in previous.items():
             loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
+            signal.signal(sig, before)
 
 
 def run(coro_factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -100,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.check:
         auth = "bearer key" if key else "no auth (loopback only)"
-        print(f"{args.config}: OK (listen {config.daemon.listen}, {auth}, segments in {config.profiling.segment_dir})")
+        print(
+            f"{args.config}: OK (listen {config.daemon.listen}, {auth}, segments in {config.profiling.segment_dir})"
+        )
         return 0
     daemon = Daemon(config, api_key=key)
     try:

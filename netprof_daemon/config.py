@@ -3,6 +3,7 @@ daemon's own ``daemon`` table, from one TOML or JSON file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -38,9 +39,7 @@ class DaemonSettings:
     api_key_file: str = setting(
         "", "File holding the API key (NETPROF_API_KEY, when set, wins)", pattern=re.compile(r".*")
     )
-    require_auth: bool = setting(
-        True, "Require the bearer key; false is allowed only on a loopback address"
-    )
+    require_auth: bool = setting(True, "Require the bearer key; false is allowed only on a loopback address")
     metrics_require_auth: bool = setting(
         False, "Require the bearer key on /metrics too (scrapers often have none)"
     )
@@ -95,11 +94,15 @@ class DaemonConfig:
                 key = f.read().strip()
         except OSError as exc:
             raise ConfigError(
-                [f"{self.source}: daemon.api_key_file: cannot read {self.daemon.api_key_file}: {exc.strerror}"],
+                [
+                    f"{self.source}: daemon.api_key_file: cannot read {self.daemon.api_key_file}: {exc.strerror}"
+                ],
                 self.source,
             ) from None
         if not key:
-            raise ConfigError([f"{self.source}: daemon.api_key_file: {self.daemon.api_key_file} is empty"], self.source)
+            raise ConfigError(
+                [f"{self.source}: daemon.api_key_file: {self.daemon.api_key_file} is empty"], self.source
+            )
         return key
 
 
@@ -125,13 +128,16 @@ def daemon_config_from_mapping(
             values["listen"] = listen
         except ValueError as exc:
             problems.append(f"--listen: {exc}")
+    # Checked whatever else is wrong in the file, so that --check prints every error at once.
+    if values.get("require_auth") is False:
+        address = values.get("listen", DaemonSettings().listen)
+        with contextlib.suppress(ValueError):  # a malformed listen is reported above
+            if not DaemonSettings(listen=address).loopback:
+                problems.append(
+                    f"{source}: daemon.require_auth = false is allowed only on a loopback address, "
+                    f"not on {address}"
+                )
     settings = DaemonSettings(**values) if not problems else DaemonSettings()
-    if not problems:
-        if not settings.require_auth and not settings.loopback:
-            problems.append(
-                f"{source}: daemon.require_auth = false is allowed only on a loopback address, "
-                f"not on {settings.listen}"
-            )
     notifiers = data.get("notifiers", {})
     rules = data.get("rules", [])
     if isinstance(rules, list):

@@ -10,6 +10,7 @@ installed by the CLI only; the daemon offers ``request_stop()`` and
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from .config import DaemonConfig, load_daemon_config
 from .log import daemon_logger
 from .metrics import NetprofCollector
 from .procstat import ProcessUsage, read_rss_bytes
-from .store import AppState, ProcessEntry, SegmentStore
+from .store import AppState, SegmentStore
 from .summary import quantiles, record_json
 from .systemd import notify, watchdog_interval
 from .windows import WindowHistory
@@ -72,8 +73,9 @@ class Daemon:
         settings = self.config.daemon
         site = web.TCPSite(self._runner, settings.host, settings.port, reuse_address=True)
         await site.start()
-        for server in site._server.sockets if site._server else ():  # type: ignore[union-attr]
-            self.bound.append(server.getsockname()[:2])
+        server = site._server  # aiohttp keeps the asyncio server private
+        for sock in getattr(server, "sockets", None) or ():
+            self.bound.append(sock.getsockname()[:2])
         daemon_logger.info(
             "netprofd listening on %s, reading %s (%d processes)",
             ", ".join(f"{h}:{p}" for h, p in self.bound),
@@ -133,8 +135,10 @@ class Daemon:
         return time.monotonic() - self.started
 
     def _status(self) -> str:
-        requests = sum(state.totals.counters.requests for state in self.apps.values())
-        return f"STATUS={len(self.store.entries)} processes, {len(self.apps)} apps, {requests} requests recorded"
+        requests = sum(state.counters.requests for state in self.apps.values())
+        return (
+            f"STATUS={len(self.store.entries)} processes, {len(self.apps)} apps, {requests} requests recorded"
+        )
 
     # -- reload (SIGHUP) ----------------------------------------------------------
 
@@ -148,13 +152,18 @@ class Daemon:
             daemon_logger.error("reload of %s failed; keeping the running config:\n%s", source, exc)
             notify(f"STATUS=reload failed: {exc.problems[0] if exc.problems else exc}")
             return False
-        if new.daemon.listen != self.config.daemon.listen or new.profiling.segment_dir != self.config.profiling.segment_dir:
+        if (
+            new.daemon.listen != self.config.daemon.listen
+            or new.profiling.segment_dir != self.config.profiling.segment_dir
+        ):
             daemon_logger.warning("listen and segment_dir take effect at the next restart, not on reload")
         self.config = new
         self.memory.config = new.profiling
         self.memory.enabled.clear()
         self.memory.retention_seconds = None
-        result = self.apply(None, lambda c: actions.push_settings(c, new.profiling), "apply the reloaded config")
+        result = self.apply(
+            None, lambda c: actions.push_settings(c, new.profiling), "apply the reloaded config"
+        )
         daemon_logger.info("reloaded %s; settings pushed to %d segment(s)", source, result.segments)
         notify("RELOADING=0", self._status())  # RELOADING=0 is ignored; the STATUS line is what shows
         return True
@@ -167,7 +176,9 @@ class Daemon:
     def feature_flag_off(self, app: str | None) -> str | None:
         """Why enabling is refused (the feature flag is off), or None."""
         if not self.config.profiling.feature_flag_enabled:
-            return f"feature_flag_enabled is false in {self.config.source}: set it to true and reload netprofd"
+            return (
+                f"feature_flag_enabled is false in {self.config.source}: set it to true and reload netprofd"
+            )
         for entry in self.store.live(app):
             if not entry.snapshot.control.feature_flag_enabled:
                 return (
@@ -192,7 +203,7 @@ class Daemon:
         """Show a control change at once rather than at the next tick."""
         for entry in self.store.live():
             try:
-                entry.snapshot = entry.reader.snapshot(records=False)
+                entry.snapshot = entry.reader.snapshot(records=False, routes=False)
             except (SegmentError, OSError):
                 pass
         self.apps = self.store.apps()
@@ -205,13 +216,15 @@ class Daemon:
         windows = self.history.window(self.apps, self.store.last_tick_ns, seconds)
         means = {}
         for name, state in self.apps.items():
-            recent = windows[name].totals.counters
-            means[name] = recent.overhead_mean_ns if recent.overhead_count else state.totals.counters.overhead_mean_ns
+            recent = windows[name].counters
+            means[name] = (
+                recent.overhead_mean_ns if recent.overhead_count else state.counters.overhead_mean_ns
+            )
         return means
 
     def memory_usage(self, app: str | None) -> dict[str, Any]:
         limit_mb = self.config.profiling.max_memory_mb
-        segments = []
+        segments: list[dict[str, Any]] = []
         for entry in self.store.live(app):
             size = entry.snapshot.memory_bytes
             segments.append(
@@ -222,7 +235,9 @@ class Daemon:
                     "memory_mb": round(size / 2**20, 4),
                     "memory_bytes": size,
                     "ring_capacity": entry.snapshot.header.ring_capacity,
-                    "records_stored": min(entry.snapshot.counters.requests, entry.snapshot.control.ring_capacity),
+                    "records_stored": min(
+                        entry.snapshot.counters.requests, entry.snapshot.control.ring_capacity
+                    ),
                     "percent_of_max": round(100 * size / 2**20 / limit_mb, 2),
                 }
             )
@@ -243,7 +258,7 @@ class Daemon:
         for name, state in sorted(self.apps.items()):
             if app not in (None, name):
                 continue
-            counters = state.totals.counters
+            counters = state.counters
             p99 = quantiles(counters.overhead_histogram, [0.99])[0]
             live = state.processes
             apps.append(
@@ -252,7 +267,7 @@ class Daemon:
                     "overhead": {
                         "mean_ms": round(counters.overhead_mean_ns / 1e6, 6),
                         "last_minute_mean_ms": round(overhead_now.get(name, 0.0) / 1e6, 6),
-                        "p99_ms": None if p99 != p99 else round(p99 / 1e6, 6),
+                        "p99_ms": None if math.isnan(p99) else round(p99 / 1e6, 6),
                         "max_ms": round(counters.overhead_max_ns / 1e6, 6),
                         "timed_records": counters.overhead_count,
                     },
@@ -260,7 +275,9 @@ class Daemon:
                     "requests": counters.requests,
                     "sampled_out": counters.sampled_out,
                     "internal_errors": counters.internal_errors,
-                    "consecutive_errors": max((e.snapshot.counters.consecutive_errors for e in live), default=0),
+                    "consecutive_errors": max(
+                        (e.snapshot.counters.consecutive_errors for e in live), default=0
+                    ),
                     "auto_disable_events": counters.auto_disable_events,
                     "auto_disabled_processes": sum(e.snapshot.control.auto_disabled for e in live),
                     "enabled": any(e.snapshot.control.recording for e in live),
@@ -282,7 +299,9 @@ class Daemon:
             "applications": apps,
         }
 
-    async def slowest_records(self, app: str | None, count: int, seconds: float | None) -> list[dict[str, Any]]:
+    async def slowest_records(
+        self, app: str | None, count: int, seconds: float | None
+    ) -> list[dict[str, Any]]:
         """The ``count`` slowest stored requests (within the window), slowest first."""
         since = self.store.last_tick_ns - int(seconds * 1e9) if seconds is not None else 0
         found: list[tuple[int, dict[str, Any]]] = []

@@ -156,7 +156,9 @@ class _Formatter:
         return f'\n], "count": {self.count}}}\n' if self.fmt == "json" else ""
 
 
-async def stream_export(request: web.Request, daemon: Daemon, fmt: str, wanted: ExportFilter) -> web.StreamResponse:
+async def stream_export(
+    request: web.Request, daemon: Daemon, fmt: str, wanted: ExportFilter
+) -> web.StreamResponse:
     formatter = _Formatter(fmt, wanted, daemon.store.last_tick_ns / 1e9)
     response = web.StreamResponse(
         headers={
@@ -191,7 +193,9 @@ async def stream_export(request: web.Request, daemon: Daemon, fmt: str, wanted: 
     return response
 
 
-def _matching(records: tuple[RequestRecord, ...], wanted: ExportFilter, left: int | None) -> Iterator[RequestRecord]:
+def _matching(
+    records: tuple[RequestRecord, ...], wanted: ExportFilter, left: int | None
+) -> Iterator[RequestRecord]:
     for record in records:
         if left is not None and left <= 0:
             return

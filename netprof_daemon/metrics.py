@@ -61,40 +61,64 @@ class NetprofCollector(Collector):
             "network_profiling_requests", "Requests recorded", labels=[*_ROUTE_LABELS, "status"]
         )
         errors = CounterMetricFamily(
-            "network_profiling_request_errors", "Failed requests by kind of failure", labels=[*_ROUTE_LABELS, "kind"]
+            "network_profiling_request_errors",
+            "Failed requests by kind of failure",
+            labels=[*_ROUTE_LABELS, "kind"],
         )
         slow = CounterMetricFamily(
-            "network_profiling_slow_requests", "Requests slower than slow_request_threshold", labels=_ROUTE_LABELS
+            "network_profiling_slow_requests",
+            "Requests slower than slow_request_threshold",
+            labels=_ROUTE_LABELS,
         )
         transferred = CounterMetricFamily(
-            "network_profiling_transferred_bytes", "Body bytes received (in) and sent (out)", labels=[*_ROUTE_LABELS, "flow"]
+            "network_profiling_transferred_bytes",
+            "Body bytes received (in) and sent (out)",
+            labels=[*_ROUTE_LABELS, "flow"],
         )
         durations = HistogramMetricFamily(
             "network_profiling_request_duration_seconds", "Request durations", labels=_ROUTE_LABELS, unit=""
         )
-        memory_mb = GaugeMetricFamily("network_profiling_memory_mb", "Shared memory of the live segments, MiB", labels=["app"])
-        memory_bytes = GaugeMetricFamily("network_profiling_memory_bytes", "Shared memory of the live segments", labels=["app"])
+        memory_mb = GaugeMetricFamily(
+            "network_profiling_memory_mb", "Shared memory of the live segments, MiB", labels=["app"]
+        )
+        memory_bytes = GaugeMetricFamily(
+            "network_profiling_memory_bytes", "Shared memory of the live segments", labels=["app"]
+        )
         overhead_ms = GaugeMetricFamily(
-            "network_profiling_overhead_ms", "Mean cost of one record() over the last minute, ms", labels=["app"]
+            "network_profiling_overhead_ms",
+            "Mean cost of one record() over the last minute, ms",
+            labels=["app"],
         )
         overhead_seconds = GaugeMetricFamily(
-            "network_profiling_overhead_seconds", "Mean cost of one record() over the last minute", labels=["app"]
+            "network_profiling_overhead_seconds",
+            "Mean cost of one record() over the last minute",
+            labels=["app"],
         )
         auto_disables = GaugeMetricFamily(
             "network_profiling_auto_disables", "Auto-disable events so far (a running count)", labels=["app"]
         )
         internal_errors = CounterMetricFamily(
-            "network_profiling_internal_errors", "Errors inside netprof, caught before the app saw them", labels=["app"]
+            "network_profiling_internal_errors",
+            "Errors inside netprof, caught before the app saw them",
+            labels=["app"],
         )
-        sampled_out = CounterMetricFamily("network_profiling_sampled_out", "Requests left out by the sample rate", labels=["app"])
+        sampled_out = CounterMetricFamily(
+            "network_profiling_sampled_out", "Requests left out by the sample rate", labels=["app"]
+        )
         consecutive = GaugeMetricFamily(
-            "network_profiling_consecutive_errors", "Largest consecutive internal errors of a process", labels=["app"]
+            "network_profiling_consecutive_errors",
+            "Largest consecutive internal errors of a process",
+            labels=["app"],
         )
-        enabled = GaugeMetricFamily("network_profiling_enabled", "Processes recording (1 each)", labels=["app"])
-        processes = GaugeMetricFamily("network_profiling_processes", "Live profiled processes", labels=["app"])
+        enabled = GaugeMetricFamily(
+            "network_profiling_enabled", "Processes recording (1 each)", labels=["app"]
+        )
+        processes = GaugeMetricFamily(
+            "network_profiling_processes", "Live profiled processes", labels=["app"]
+        )
 
         for name, state in sorted(apps.items()):
-            for key, route in sorted(state.totals.routes.items(), key=lambda item: str(item[0])):
+            for key, route in sorted(state.routes.items(), key=lambda item: str(item[0])):
                 labels = [name, key.template, key.method, key.direction.name.lower()]
                 for status, count in zip(STATUS_CLASS_NAMES, route.status_classes):
                     if count:
@@ -112,7 +136,7 @@ class NetprofCollector(Collector):
             mean_ns = overhead_now.get(name, 0.0)
             overhead_ms.add_metric([name], mean_ns / 1e6)
             overhead_seconds.add_metric([name], mean_ns / 1e9)
-            counters = state.totals.counters
+            counters = state.counters
             auto_disables.add_metric([name], counters.auto_disable_events)
             internal_errors.add_metric([name], counters.internal_errors)
             sampled_out.add_metric([name], counters.sampled_out)
@@ -128,6 +152,8 @@ class NetprofCollector(Collector):
         up = GaugeMetricFamily("netprofd_up_seconds", "Seconds since netprofd started")
         up.add_metric([], daemon.uptime_seconds())
         yield up
-        tick = GaugeMetricFamily("netprofd_tick_duration_seconds", "Time the last snapshot of every segment took")
+        tick = GaugeMetricFamily(
+            "netprofd_tick_duration_seconds", "Time the last snapshot of every segment took"
+        )
         tick.add_metric([], daemon.store.last_tick_seconds)
         yield tick

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netprof_core import SegmentBusy, SegmentError, SegmentReader, SegmentSnapshot
-from netprof_core._layout import DAEMON_LOCK_NAME
-from netprof_core.segment import process_alive, segment_paths
+from netprof_core import RouteKey, RouteStats, SegmentBusy, SegmentError, SegmentReader, SegmentSnapshot
+from netprof_core._layout import DAEMON_LOCK_NAME, SEGMENT_SUFFIX
+from netprof_core.segment import process_alive
 
 from .log import store_logger
-from .totals import Totals
+from .totals import CounterTotals, Totals
 
 __all__ = ("AppState", "ProcessEntry", "SegmentStore", "StoreLocked")
 
@@ -36,6 +36,7 @@ class ProcessEntry:
     reader: SegmentReader
     snapshot: SegmentSnapshot
     sequence: int  # the live sequence counter when ``snapshot`` was taken
+    control_words: tuple[int, ...]  # the control block then
 
     @property
     def pid(self) -> int:
@@ -48,11 +49,13 @@ class ProcessEntry:
 
 @dataclass(slots=True)
 class AppState:
-    """One application at one tick: its live processes and its cumulative totals."""
+    """One application at one tick: its live processes and its cumulative
+    totals (retired + live), counters and per-route statistics."""
 
     name: str
     processes: list[ProcessEntry] = field(default_factory=list)
-    totals: Totals = field(default_factory=Totals)
+    counters: CounterTotals = field(default_factory=CounterTotals)
+    routes: dict[RouteKey, RouteStats] = field(default_factory=dict)
     first_seen_ns: int = 0  # the earliest segment creation seen: "since start"
 
 
@@ -64,11 +67,16 @@ class SegmentStore:
     only then removed. A file that is not a segment is logged once and skipped.
     """
 
-    def __init__(self, segment_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, segment_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         self.segment_dir = Path(segment_dir)
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.entries: dict[str, ProcessEntry] = {}
-        self.retired: dict[str, Totals] = {}
+        self.retired: dict[str, Totals] = {}  # ended processes, per app
+        self.live_totals: dict[str, Totals] = {}  # running sums of the live processes' snapshots
+        self._counted: set[str] = set()  # paths whose snapshot is in live_totals
+        self._apps: dict[str, AppState] | None = None  # apps() as of the last change
         self.first_seen_ns: dict[str, int] = {}
         self._refused: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) when it was refused
         self._lock_fd: int | None = None
@@ -106,7 +114,7 @@ class SegmentStore:
 
     def refresh(self) -> None:
         started = time.perf_counter()
-        present = {os.fspath(path) for path in segment_paths(self.segment_dir)}
+        present = self._listing()
         for path in list(self.entries):
             if path not in present:
                 # Removed behind our back: the last snapshot is all there is.
@@ -119,6 +127,13 @@ class SegmentStore:
         self.ticks += 1
         self.last_tick_ns = time.time_ns()
         self.last_tick_seconds = time.perf_counter() - started
+
+    def _listing(self) -> set[str]:
+        try:
+            with os.scandir(self.segment_dir) as found:
+                return {entry.path for entry in found if entry.name.endswith(SEGMENT_SUFFIX)}
+        except OSError:
+            return set()
 
     def _discover(self, path: str) -> None:
         try:
@@ -134,13 +149,13 @@ class SegmentStore:
             self._refuse(path, fingerprint, exc)
             return
         try:
-            snapshot = reader.snapshot(records=False)
+            snapshot = reader.snapshot(records=False, routes=False)
         except (SegmentError, OSError) as exc:
             reader.close()
             self._refuse(path, fingerprint, exc)
             return
         self._refused.pop(path, None)
-        entry = ProcessEntry(path, reader, snapshot, reader.live_sequence())
+        entry = ProcessEntry(path, reader, snapshot, reader.live_sequence(), snapshot.control_words)
         store_logger.info("found %s: app %s, pid %d", path, entry.app, entry.pid)
         first = self.first_seen_ns.get(entry.app)
         created = snapshot.header.created_ns
@@ -149,6 +164,9 @@ class SegmentStore:
             self._retire(entry, snapshot)
         else:
             self.entries[path] = entry
+            self.live_totals.setdefault(entry.app, Totals()).add_snapshot(snapshot)
+            self._counted.add(path)
+            self._apps = None
             if self.on_discover is not None:
                 self.on_discover(entry)
 
@@ -156,16 +174,22 @@ class SegmentStore:
         if isinstance(exc, SegmentError) and exc.errno == errno.ENOENT:
             return  # it ended and went away between the listing and the open
         self._refused[path] = fingerprint
-        store_logger.warning("skipping %s: %s", path, exc)
+        # A SegmentError's str() already starts with the path: log its reason, not "path: path: reason".
+        store_logger.warning("skipping %s: %s", path, exc.reason if isinstance(exc, SegmentError) else exc)
 
     def _update(self, path: str, entry: ProcessEntry) -> None:
         header = entry.snapshot.header
-        ended = not process_alive(header.pid, header.start_ticks)
         sequence = entry.reader.live_sequence()
-        if sequence == entry.sequence and not ended and not entry.reader.closed_ns():
+        # A process that recorded since the last tick was alive a moment ago;
+        # only an idle one is asked (/proc) whether it has ended.
+        ended = sequence == entry.sequence and not process_alive(header.pid, header.start_ticks)
+        # A reload, the API or the CLI may have written the control block without
+        # a record since: the snapshot stands only if that is unchanged too.
+        control_same = entry.reader.control_words() == entry.control_words
+        if sequence == entry.sequence and control_same and not ended and not entry.reader.closed_ns():
             return  # nothing recorded since the last tick: the snapshot stands
         try:
-            snapshot = entry.reader.snapshot(records=False)
+            snapshot = entry.reader.snapshot(records=False, routes=False, alive=not ended)
         except SegmentBusy as exc:
             store_logger.warning("%s; keeping the previous snapshot", exc)
             return
@@ -174,8 +198,11 @@ class SegmentStore:
             del self.entries[path]
             self._retire(entry, None)
             return
+        self.live_totals[entry.app].replace_snapshot(entry.snapshot, snapshot)
+        self._apps = None
         entry.snapshot = snapshot
         entry.sequence = sequence
+        entry.control_words = snapshot.control_words
         if snapshot.source == "final":
             del self.entries[path]
             self._retire(entry, snapshot)
@@ -183,7 +210,12 @@ class SegmentStore:
     def _retire(self, entry: ProcessEntry, final: SegmentSnapshot | None) -> None:
         """Fold an ended process into its app's retired totals, then remove its segment."""
         snapshot = final or entry.snapshot
+        live = self.live_totals.get(entry.app)
+        if live is not None and entry.path in self._counted:
+            live.subtract_snapshot(entry.snapshot)  # what was counted for it while it lived
+        self._counted.discard(entry.path)
         self.retired.setdefault(entry.app, Totals()).add_snapshot(snapshot)
+        self._apps = None
         entry.reader.close()
         self._save_retired()
         if final is not None:
@@ -203,16 +235,27 @@ class SegmentStore:
     # -- what the API and /metrics read ----------------------------------------
 
     def apps(self) -> dict[str, AppState]:
-        """Per application, its live processes and cumulative totals (retired + live)."""
-        states: dict[str, AppState] = {}
-        for name, retired in self.retired.items():
-            states[name] = AppState(name, totals=retired.copy())
+        """Per application, its live processes and cumulative totals (retired +
+        live); built again only after something changed."""
+        if self._apps is not None:
+            return self._apps
+        processes: dict[str, list[ProcessEntry]] = {}
         for entry in self.entries.values():
-            state = states.setdefault(entry.app, AppState(entry.app))
-            state.processes.append(entry)
-            state.totals.add_snapshot(entry.snapshot)
-        for name, state in states.items():
-            state.first_seen_ns = self.first_seen_ns.get(name, 0)
+            processes.setdefault(entry.app, []).append(entry)
+        states = {}
+        for name in self.retired.keys() | self.live_totals.keys():
+            total = Totals()
+            for part in (self.retired.get(name), self.live_totals.get(name)):
+                if part is not None:
+                    total.add(part)
+            states[name] = AppState(
+                name,
+                processes.get(name, []),
+                total.counters,
+                total.route_stats(),
+                self.first_seen_ns.get(name, 0),
+            )
+        self._apps = states
         return states
 
     def live(self, app: str | None = None) -> Iterator[ProcessEntry]:

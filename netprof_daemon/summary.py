@@ -74,7 +74,9 @@ def route_summary(route: RouteStats, seconds: float | None) -> dict[str, Any]:
     return summary
 
 
-def direction_summary(routes: Iterable[RouteStats], direction: Direction, seconds: float | None) -> dict[str, Any]:
+def direction_summary(
+    routes: Iterable[RouteStats], direction: Direction, seconds: float | None
+) -> dict[str, Any]:
     """One direction's routes summed into one line."""
     total: RouteStats | None = None
     for route in routes:

@@ -4,11 +4,14 @@ ever lost and no counter ever goes backwards."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from netprof_core import Direction, Histogram, RouteKey, RouteStats, SegmentSnapshot
+from netprof_core._layout import OVERFLOW_TEMPLATE
+from netprof_core._recorder import add_counts, subtract_counts
+from netprof_core.reader import Counters, RouteSums
 
 __all__ = ("CounterTotals", "Totals")
 
@@ -28,18 +31,44 @@ class CounterTotals:
     overhead_max_ns: int = 0
     overhead_histogram: Histogram = field(default_factory=Histogram)
 
-    def add_snapshot(self, snapshot: SegmentSnapshot) -> None:
+    def add_snapshot(self, snapshot: SegmentSnapshot, sign: int = 1) -> None:
+        """Add a process's counters (``sign=-1``: take them away again; the
+        maximum stays, it is the largest ever seen)."""
         c = snapshot.counters
-        self.requests += c.requests
-        self.sampled_out += c.sampled_out
-        self.disabled_calls += c.disabled_calls
-        self.internal_errors += c.internal_errors
-        self.auto_disable_events += c.auto_disable_events
-        self.overflowed_routes += c.overflowed_routes
-        self.overhead_count += c.overhead_count
-        self.overhead_sum_ns += c.overhead_sum_ns
+        self.requests += sign * c.requests
+        self.sampled_out += sign * c.sampled_out
+        self.disabled_calls += sign * c.disabled_calls
+        self.internal_errors += sign * c.internal_errors
+        self.auto_disable_events += sign * c.auto_disable_events
+        self.overflowed_routes += sign * c.overflowed_routes
+        self.overhead_count += sign * c.overhead_count
+        self.overhead_sum_ns += sign * c.overhead_sum_ns
         self.overhead_max_ns = max(self.overhead_max_ns, c.overhead_max_ns)
-        self.overhead_histogram += c.overhead_histogram
+        if c.overhead_count == 0:
+            return  # an empty histogram: nothing to add or take away
+        if sign > 0:
+            add_counts(self.overhead_histogram.counts, c.overhead_histogram.counts)
+        elif not subtract_counts(self.overhead_histogram.counts, c.overhead_histogram.counts):
+            raise ValueError("subtracting counters that were never added")
+
+    def replace_snapshot(self, old: SegmentSnapshot, new: SegmentSnapshot) -> None:
+        """Swap a process's earlier counters for its new ones; the overhead
+        histogram (the costly part) only when a record was timed in between."""
+        if old.counters.overhead_count == new.counters.overhead_count:
+            self.add_scalars(new.counters, old.counters)
+        else:
+            self.add_snapshot(old, -1)
+            self.add_snapshot(new)
+
+    def add_scalars(self, now: Counters, then: Counters) -> None:
+        self.requests += now.requests - then.requests
+        self.sampled_out += now.sampled_out - then.sampled_out
+        self.disabled_calls += now.disabled_calls - then.disabled_calls
+        self.internal_errors += now.internal_errors - then.internal_errors
+        self.auto_disable_events += now.auto_disable_events - then.auto_disable_events
+        self.overflowed_routes += now.overflowed_routes - then.overflowed_routes
+        self.overhead_sum_ns += now.overhead_sum_ns - then.overhead_sum_ns
+        self.overhead_max_ns = max(self.overhead_max_ns, now.overhead_max_ns)
 
     def add(self, other: CounterTotals) -> None:
         for f in fields(self):
@@ -62,81 +91,93 @@ class CounterTotals:
 
 @dataclass(slots=True)
 class Totals:
-    """Counters and per-route statistics, summed over processes."""
+    """Counters and per-route sums over processes (route blocks, added in place)."""
 
     counters: CounterTotals = field(default_factory=CounterTotals)
-    routes: dict[RouteKey, RouteStats] = field(default_factory=dict)
+    sums: dict[RouteKey, RouteSums] = field(default_factory=dict)
 
     def add_snapshot(self, snapshot: SegmentSnapshot) -> None:
         self.counters.add_snapshot(snapshot)
-        self.add_routes(snapshot.routes)
+        for key, block in snapshot.route_blocks():
+            self._route(key, block).add_block(block)
 
-    def add_routes(self, routes: Iterable[RouteStats]) -> None:
-        for route in routes:
-            if route.count == 0 and route.key.template == "<other>":
-                continue  # the overflow route, never used: not worth a series
-            known = self.routes.get(route.key)
-            self.routes[route.key] = route if known is None else known + route
+    def subtract_snapshot(self, snapshot: SegmentSnapshot) -> None:
+        self.counters.add_snapshot(snapshot, -1)
+        for key, block in snapshot.route_blocks():
+            route = self.sums.get(key)
+            if route is not None:
+                route.subtract_block(block)
+
+    def replace_snapshot(self, old: SegmentSnapshot, new: SegmentSnapshot) -> None:
+        """Swap a process's earlier snapshot for its new one, touching only the
+        routes that recorded in between (a route block changes only with its count)."""
+        self.counters.replace_snapshot(old, new)
+        for key, before, block in new.changed_route_blocks(old):
+            route = self._route(key, block)
+            if before is not None:
+                route.subtract_block(before)
+            route.add_block(block)
+
+    def _route(self, key: RouteKey, block: memoryview) -> RouteSums:
+        route = self.sums.get(key)
+        if route is None:
+            route = self.sums[key] = RouteSums(key)
+        return route
 
     def add(self, other: Totals) -> None:
         self.counters.add(other.counters)
-        self.add_routes(other.routes.values())
+        for key, route in other.sums.items():
+            mine = self.sums.get(key)
+            if mine is None:
+                self.sums[key] = route.copy()
+            else:
+                mine.add(route)
 
     def copy(self) -> Totals:
         twin = Totals()
         twin.add(self)
         return twin
 
+    def route_stats(self) -> dict[RouteKey, RouteStats]:
+        """Each route's statistics; the overflow route only once it was used."""
+        return {
+            key: route.stats()
+            for key, route in self.sums.items()
+            if route.count or key.template != OVERFLOW_TEMPLATE
+        }
+
     # -- persistence (the daemon's state_dir), so retired totals survive a restart
 
     def to_json(self) -> dict[str, Any]:
         counters = {
-            f.name: getattr(self.counters, f.name) for f in fields(CounterTotals) if f.name != "overhead_histogram"
+            f.name: getattr(self.counters, f.name)
+            for f in fields(CounterTotals)
+            if f.name != "overhead_histogram"
         }
         counters["overhead_histogram"] = list(self.counters.overhead_histogram.nonzero())
-        return {
-            "counters": counters,
-            "routes": [_route_to_json(route) for route in self.routes.values()],
-        }
+        routes = [
+            {
+                "direction": int(key.direction),
+                "method": key.method,
+                "template": key.template,
+                "max_ns": route.max_ns,
+                "words": [[i, w] for i, w in enumerate(route.words) if w],
+            }
+            for key, route in self.sums.items()
+        ]
+        return {"counters": counters, "routes": routes}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Totals:
         raw = dict(data["counters"])
-        overhead = _histogram_from_pairs(raw.pop("overhead_histogram"), raw.get("overhead_max_ns"))
+        overhead = Histogram(max_ns=raw.get("overhead_max_ns"))
+        for index, count in raw.pop("overhead_histogram"):
+            overhead.counts[index] = count
         totals = cls(CounterTotals(**raw, overhead_histogram=overhead))
-        totals.add_routes(_route_from_json(route) for route in data["routes"])
+        for route in data["routes"]:
+            key = RouteKey(Direction(route["direction"]), route["method"], route["template"])
+            sums = totals.sums[key] = RouteSums(key)
+            sums.max_ns = int(route["max_ns"])
+            for index, word in route["words"]:
+                sums.words[index] = word
         return totals
-
-
-_ROUTE_SCALARS = ("count", "errors", "slow", "sum_ns", "max_ns", "bytes_in", "bytes_out", "ttfb_sum_ns")
-
-
-def _route_to_json(route: RouteStats) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "direction": int(route.key.direction),
-        "method": route.key.method,
-        "template": route.key.template,
-    }
-    out.update((name, getattr(route, name)) for name in _ROUTE_SCALARS)
-    out["status_classes"] = list(route.status_classes)
-    out["error_kinds"] = list(route.error_kinds)
-    out["histogram"] = list(route.histogram.nonzero())
-    return out
-
-
-def _route_from_json(data: Mapping[str, Any]) -> RouteStats:
-    key = RouteKey(Direction(data["direction"]), data["method"], data["template"])
-    return RouteStats(
-        key=key,
-        **{name: int(data[name]) for name in _ROUTE_SCALARS},
-        status_classes=tuple(data["status_classes"]),
-        error_kinds=tuple(data["error_kinds"]),
-        histogram=_histogram_from_pairs(data["histogram"], data["max_ns"]),
-    )
-
-
-def _histogram_from_pairs(pairs: Iterable[Iterable[int]], max_ns: int | None) -> Histogram:
-    histogram = Histogram(max_ns=max_ns)
-    for index, count in pairs:
-        histogram.counts[index] = count
-    return histogram

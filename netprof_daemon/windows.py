@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from netprof_core import Histogram, RouteKey, RouteStats
 
 from .store import AppState
-from .totals import CounterTotals, Totals
+from .totals import CounterTotals
 
 __all__ = ("WINDOWS", "Window", "WindowHistory", "parse_window")
 
@@ -57,7 +57,8 @@ class Window:
     """What one application did between two checkpoints."""
 
     seconds: float  # the span actually covered (shorter than asked right after start)
-    totals: Totals = field(default_factory=Totals)
+    counters: CounterTotals = field(default_factory=CounterTotals)
+    routes: dict[RouteKey, RouteStats] = field(default_factory=dict)
 
 
 class WindowHistory:
@@ -74,21 +75,21 @@ class WindowHistory:
         for name, state in apps.items():
             marks = routes[name] = {}
             before = previous.routes.get(name, {}) if previous else {}
-            for key, route in state.totals.routes.items():
+            for key, route in state.routes.items():
                 old = before.get(key)
                 if old is not None and old.count == route.count:
                     marks[key] = old  # unchanged: share the bytes
                 else:
                     packed = zlib.compress(route.histogram.counts.tobytes(), 1)
                     marks[key] = _RouteMark(route.count, replace(route, histogram=_EMPTY), packed)
-        counters = {name: state.totals.counters.copy() for name, state in apps.items()}
+        counters = {name: state.counters.copy() for name, state in apps.items()}
         checkpoint = _Checkpoint(taken_ns, counters, routes)
         self._fine.append(checkpoint)
         # Move checkpoints past the fine horizon to the coarse list, one per spacing.
         while self._fine and taken_ns - self._fine[0].taken_ns > FINE_SECONDS * 1e9:
-            old = self._fine.popleft()
-            if not self._coarse or old.taken_ns - self._coarse[-1].taken_ns >= COARSE_SPACING * 1e9:
-                self._coarse.append(old)
+            aged = self._fine.popleft()
+            if not self._coarse or aged.taken_ns - self._coarse[-1].taken_ns >= COARSE_SPACING * 1e9:
+                self._coarse.append(aged)
         while self._coarse and taken_ns - self._coarse[0].taken_ns > KEEP_SECONDS * 1e9:
             self._coarse.popleft()
 
@@ -106,15 +107,14 @@ class WindowHistory:
         result: dict[str, Window] = {}
         for name, state in apps.items():
             if base is None:
-                result[name] = Window(0.0, Totals())
+                result[name] = Window(0.0)
                 continue
-            span = (now_ns - base.taken_ns) / 1e9
             old_routes = base.routes.get(name, {})
-            totals = Totals(_counters_delta(state.totals.counters, base.counters.get(name)))
-            for key, route in state.totals.routes.items():
-                old = old_routes.get(key)
-                totals.routes[key] = _route_delta(route, old)
-            result[name] = Window(span, totals)
+            result[name] = Window(
+                (now_ns - base.taken_ns) / 1e9,
+                _counters_delta(state.counters, base.counters.get(name)),
+                {key: _route_delta(route, old_routes.get(key)) for key, route in state.routes.items()},
+            )
         return result
 
 

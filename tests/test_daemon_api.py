@@ -20,7 +20,15 @@ import httpx
 import pytest
 
 from tests.apps.netprofd import API_KEY, NP, PREFIX, Netprofd, netprofd
-from tests.apps.servers import REQUEST_TIMEOUT, Server, free_port, running, server_env, uvicorn_argv, write_config
+from tests.apps.servers import (
+    REQUEST_TIMEOUT,
+    Server,
+    free_port,
+    running,
+    server_env,
+    uvicorn_argv,
+    write_config,
+)
 
 APP = "shop"
 ITEMS = ("inbound", "GET", "/items/{item_id}")
@@ -37,7 +45,9 @@ class Shop:
         self.daemon = daemon
         self.segment_dir = segment_dir
         # uvicorn closes the connection after an app exception: one connection per request.
-        self.http = httpx.Client(base_url=server.base_url, timeout=REQUEST_TIMEOUT, headers={"connection": "close"})
+        self.http = httpx.Client(
+            base_url=server.base_url, timeout=REQUEST_TIMEOUT, headers={"connection": "close"}
+        )
 
     def send(self, plan: dict[tuple[str, str, str], int] = SENT) -> None:
         for key, count in plan.items():
@@ -58,18 +68,23 @@ def shop(tmp_path: Path, implementation: str) -> Iterator[Shop]:
     config = write_config(tmp_path / "app.toml", segment_dir, APP)
     port = free_port()
     env = server_env(implementation, config=config)
-    with running(uvicorn_argv("tests.apps.starlette_app:app", port), env=env, port=port, log_path=tmp_path / "app.log") as server:
-        with netprofd(tmp_path, segment_dir, profiling={"app_name": "netprofd-test"}) as daemon:
-            shop = Shop(server, daemon, segment_dir)
-            yield shop
-            shop.http.close()
+    argv = uvicorn_argv("tests.apps.starlette_app:app", port)
+    with (
+        running(argv, env=env, port=port, log_path=tmp_path / "app.log") as server,
+        netprofd(tmp_path, segment_dir, profiling={"app_name": "netprofd-test"}) as daemon,
+    ):
+        shop = Shop(server, daemon, segment_dir)
+        yield shop
+        shop.http.close()
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("curl")
     if exe is None:
         pytest.skip("curl is not installed")
-    return subprocess.run([exe, "-sS", "--max-time", "20", *args], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [exe, "-sS", "--max-time", "20", *args], capture_output=True, text=True, check=False
+    )
 
 
 def curl_json(*args: str) -> Any:
@@ -156,9 +171,11 @@ def test_disable_stops_recording_enable_resumes(shop: Shop) -> None:
     shop.send()
     shop.http.get("/items/1")  # a last request, then the daemon's next ticks
     stats = shop.daemon.wait_until(
-        lambda: (p := shop.daemon.get(f"{NP}/production-metrics").json()["applications"])
-        and p[0]["recording_processes"] == 0
-        and p,
+        lambda: (
+            (p := shop.daemon.get(f"{NP}/production-metrics").json()["applications"])
+            and p[0]["recording_processes"] == 0
+            and p
+        ),
         what="recording to stop",
     )
     assert stats[0]["enabled"] is False
@@ -277,7 +294,12 @@ GUARDED = [
 def test_every_call_needs_the_key(shop: Shop) -> None:
     shop.send({ITEMS: 3})
     shop.wait_for_counts({ITEMS: 3})
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}, {"Authorization": "Basic x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": API_KEY},
+        {"Authorization": "Basic x"},
+    ):
         with httpx.Client(base_url=shop.daemon.url, headers=headers, timeout=REQUEST_TIMEOUT) as anonymous:
             for method, path in GUARDED:
                 response = anonymous.request(method, path)
@@ -305,7 +327,9 @@ def test_enabling_is_refused_while_the_feature_flag_is_off(tmp_path: Path, imple
     config = write_config(tmp_path / "app.toml", segment_dir, APP, feature_flag_enabled=False)
     port = free_port()
     env = server_env(implementation, config=config)
-    with running(uvicorn_argv("tests.apps.starlette_app:app", port), env=env, port=port, log_path=tmp_path / "app.log") as server:
+    with running(
+        uvicorn_argv("tests.apps.starlette_app:app", port), env=env, port=port, log_path=tmp_path / "app.log"
+    ) as server:
         httpx.get(f"{server.base_url}/items/1")
         with netprofd(tmp_path, segment_dir) as d:
             d.wait_until(lambda: d.app_stats(APP) is not None, what="the app's segment")

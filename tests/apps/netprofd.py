@@ -67,7 +67,9 @@ def netprofd_argv(config: Path, *extra: str) -> list[str]:
 class Netprofd:
     """One daemon process and an HTTP client that sends its key."""
 
-    def __init__(self, config: Path, port: int, log_path: Path, env: Mapping[str, str], api_key: str | None) -> None:
+    def __init__(
+        self, config: Path, port: int, log_path: Path, env: Mapping[str, str], api_key: str | None
+    ) -> None:
         self.config = config
         self.port = port
         self.log_path = log_path
