@@ -134,6 +134,11 @@ class SegmentControl:
     def disable(self) -> None:
         self._set(L.C_ENABLED, 0)
 
+    def auto_disable(self) -> None:
+        """Stop recording as an auto-disable does (what netprofd's disable
+        rules use); ``enable()`` or ``reset_errors()`` lifts it."""
+        self._set(L.C_AUTO_DISABLED, 1)
+
     def _set_flag(self, word: int, name: str, on: bool) -> None:
         if not isinstance(on, bool):
             raise ValueError(f"{name} must be true or false, got {on!r}")

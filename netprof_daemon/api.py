@@ -19,6 +19,7 @@ from netprof_core import Direction, SegmentControl
 from . import actions
 from .export import ExportFilter, stream_export
 from .log import api_logger
+from .silences import SilenceError
 from .summary import direction_summary, route_summary
 from .windows import parse_window
 
@@ -273,6 +274,44 @@ async def export(request: web.Request) -> web.StreamResponse:
     return await stream_export(request, daemon, fmt, wanted)
 
 
+async def alerts(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    query = _params(request, ("history",))
+    limit = int(number_param(query, "history", 0, 500, integer=True) or 0) if "history" in query else 50
+    return _json(daemon.alerts_view(limit))
+
+
+async def list_silences(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    _params(request, ())
+    return _json({"silences": daemon.silences_view()})
+
+
+async def create_silence(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    _params(request, ())
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(
+            400, "the body must be a JSON object: matchers, and duration or ends_at", "body"
+        ) from None
+    try:
+        silence = daemon.add_silence(body)
+    except SilenceError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
+    return _json(silence, 201)
+
+
+async def expire_silence(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    _params(request, ())
+    silence = daemon.expire_silence(request.match_info["silence_id"])
+    if silence is None:
+        raise ApiError(404, f"no silence {request.match_info['silence_id']!r}", "silence_id")
+    return _json(silence)
+
+
 def make_app(daemon: Daemon, api_key: str | None) -> web.Application:
     app = web.Application(
         middlewares=[_errors, _auth_middleware(api_key, daemon.config.daemon.metrics_require_auth)],
@@ -297,4 +336,8 @@ def make_app(daemon: Daemon, api_key: str | None) -> web.Application:
         f"{np}/reset-errors",
         _control_call("reset-errors", lambda d, a: d.apply(a, SegmentControl.reset_errors, "reset errors")),
     )
+    app.router.add_get(f"{np}/alerts", alerts)
+    app.router.add_get(f"{np}/silences", list_silences)
+    app.router.add_post(f"{np}/silences", create_silence)
+    app.router.add_delete(f"{np}/silences/{{silence_id}}", expire_silence)
     return app

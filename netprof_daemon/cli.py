@@ -7,7 +7,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+import time
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -16,6 +19,8 @@ from netprof_core import ConfigError
 from . import __version__
 from .config import DaemonConfig, load_daemon_config
 from .daemon import Daemon
+from .notification import Alert, Notification
+from .plugins import NotifierManager
 from .store import StoreLocked
 
 __all__ = ("main", "run")
@@ -35,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--listen", metavar="HOST:PORT", help="overrides daemon.listen")
     parser.add_argument("--check", action="store_true", help="validate the config, print every error, exit")
+    parser.add_argument(
+        "--test-notify", action="store_true",
+        help="send one test notification through every configured notifier, report each result, exit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--list-notifiers", action="store_true", help="list the installed notifier plugins, exit"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--version", action="version", version=f"netprofd {__version__}")
     return parser
@@ -80,6 +92,38 @@ async def _serve_with_signals(daemon: Daemon) -> None:
             signal.signal(sig, before)
 
 
+async def _test_notify(manager: NotifierManager, config: DaemonConfig) -> int:
+    """The guide's "check notification system configuration": one test
+    notification through every configured plugin, each result reported."""
+    now = time.time()
+    alert = Alert(
+        name="NetprofTestNotification",
+        state="firing",
+        severity="info",
+        labels={"alertname": "NetprofTestNotification", "severity": "info", "app": "netprofd"},
+        value=None,
+        threshold=0.0,
+        summary=f"a test notification from netprofd on {socket.gethostname()}: if you read this, delivery works",
+        starts_at=now,
+    )
+    notification = Notification(uuid.uuid4().hex, "firing", (alert,), now, test=True)
+    timeout = config.daemon.notify_timeout_seconds
+    names = manager.active
+    results = await asyncio.gather(
+        *(manager.deliver(name, notification, timeout) for name in names), return_exceptions=True
+    )
+    failed = 0
+    for name, result in zip(names, results):
+        if isinstance(result, BaseException):
+            failed += 1
+            print(f"{name}: FAILED: {result}")
+        else:
+            print(f"{name}: delivered")
+    if not names:
+        print("no notifier is configured (add a [notifiers.<name>] table)")
+    return 1 if failed or not names else 0
+
+
 def run(coro_factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(coro_factory())
@@ -103,13 +147,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal:
         print(f"netprofd: {refusal}", file=sys.stderr)
         return EXIT_CONFIG
+    manager = NotifierManager(config.notifiers)
+    try:
+        manager.load()
+    except ConfigError as exc:
+        print(f"netprofd: {len(exc.problems)} error(s) in the configuration:", file=sys.stderr)
+        print("\n".join(f"{config.source}: {problem}" for problem in exc.problems), file=sys.stderr)
+        return EXIT_CONFIG
     if args.check:
         auth = "bearer key" if key else "no auth (loopback only)"
         print(
-            f"{args.config}: OK (listen {config.daemon.listen}, {auth}, segments in {config.profiling.segment_dir})"
+            f"{args.config}: OK (listen {config.daemon.listen}, {auth}, segments in {config.profiling.segment_dir}, "
+            f"{len(config.all_rules())} rules, notifiers: {', '.join(manager.active) or 'none'})"
         )
+        manager.close()
         return 0
-    daemon = Daemon(config, api_key=key)
+    if args.list_notifiers:
+        for name, description in manager.describe().items():
+            mark = "active" if name in manager.active else "      "
+            print(f"{name:14} {mark}  {description}")
+        manager.close()
+        return 0
+    if args.test_notify:
+        try:
+            return asyncio.run(_test_notify(manager, config))
+        finally:
+            manager.close()
+    daemon = Daemon(config, manager, api_key=key)
     try:
         run(lambda: _serve_with_signals(daemon))
     except StoreLocked as exc:

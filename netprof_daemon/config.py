@@ -20,6 +20,8 @@ from netprof_core.config import (
     setting,
 )
 
+from .rules import Rule, builtin_rules, parse_rules
+
 __all__ = ("DaemonConfig", "DaemonSettings", "load_daemon_config", "parse_listen")
 
 _LISTEN = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
@@ -45,6 +47,22 @@ class DaemonSettings:
     )
     state_dir: str = setting("/var/lib/netprofd", "Where the daemon keeps its state")
     tick_seconds: float = setting(1.0, "Seconds between snapshots of every segment", lo=0.05, hi=60)
+    # Alerting: the lifecycle of alerts and the delivery of notifications.
+    group_wait_seconds: float = setting(
+        5.0, "Alerts that fire within this many seconds go out as one notification", hi=3600
+    )
+    repeat_interval_seconds: float = setting(
+        4 * 3600.0, "Notify again about an alert still firing after this long", lo=1, hi=30 * 86400
+    )
+    notify_timeout_seconds: float = setting(
+        10.0, "Time a notifier plugin has for one delivery", lo=0.1, hi=600
+    )
+    notify_max_attempts: int = setting(
+        8, "Deliveries tried per notification and plugin before giving up", lo=1, hi=100
+    )
+    overhead_alert_ms: float = setting(
+        2.0, "Alert (and auto-disable) when record() costs more than this on average", lo=0.001, hi=1000
+    )
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -79,8 +97,14 @@ class DaemonConfig:
     source: str
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
-    notifiers: Mapping[str, Any] = field(default_factory=dict)
-    rules: tuple[Mapping[str, Any], ...] = ()
+    notifiers: Mapping[str, Any] | None = None  # None: no ``notifiers`` table (the log notifier alone)
+    rules: tuple[Rule, ...] = ()  # the custom ones; see all_rules()
+
+    def all_rules(self) -> list[Rule]:
+        """The built-in rules (from the guide's keys) and the custom ones."""
+        builtin = builtin_rules(self.profiling, overhead_ms=self.daemon.overhead_alert_ms)
+        custom = {rule.name for rule in self.rules}
+        return [rule for rule in builtin if rule.name not in custom] + list(self.rules)
 
     def api_key(self) -> str | None:
         """The key from NETPROF_API_KEY, else from ``api_key_file``; None when neither."""
@@ -138,15 +162,21 @@ def daemon_config_from_mapping(
                     f"not on {address}"
                 )
     settings = DaemonSettings(**values) if not problems else DaemonSettings()
-    notifiers = data.get("notifiers", {})
-    rules = data.get("rules", [])
-    if isinstance(rules, list):
-        for at, rule in enumerate(rules):
-            if not isinstance(rule, Mapping):
-                problems.append(f"{source}: rules[{at}] = {rule!r}: expected a table")
+    notifiers = data.get("notifiers")
+    for name, table in notifiers.items() if isinstance(notifiers, Mapping) else ():
+        if not isinstance(table, Mapping):
+            problems.append(f"{source}: notifiers.{name} = {table!r}: expected a table")
+    tables = data.get("rules", [])
+    rules: list[Rule] = []
+    if isinstance(tables, list):
+        for at, table in enumerate(tables):
+            if not isinstance(table, Mapping):
+                problems.append(f"{source}: rules[{at}] = {table!r}: expected a table")
+        rules, rule_problems = parse_rules([t for t in tables if isinstance(t, Mapping)], source)
+        problems.extend(rule_problems)
     if problems:
         raise ConfigError(problems, source)
-    return DaemonConfig(source, profiling, settings, dict(notifiers), tuple(rules))
+    return DaemonConfig(source, profiling, settings, notifiers, tuple(rules))
 
 
 def load_daemon_config(path: str | os.PathLike[str], *, listen: str | None = None) -> DaemonConfig:

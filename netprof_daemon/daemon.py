@@ -23,11 +23,15 @@ from netprof_core import ConfigError, SegmentControl, SegmentError
 
 from . import actions
 from .actions import ActionResult, ControlMemory
+from .alerting import Alerting
 from .api import make_app
 from .config import DaemonConfig, load_daemon_config
 from .log import daemon_logger
 from .metrics import NetprofCollector
+from .plugins import NotifierManager
 from .procstat import ProcessUsage, read_rss_bytes
+from .silences import parse_silence
+from .state import AlertStateStore
 from .store import AppState, SegmentStore
 from .summary import quantiles, record_json
 from .systemd import notify, watchdog_interval
@@ -37,9 +41,12 @@ __all__ = ("Daemon",)
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, *, api_key: str | None = None) -> None:
+    def __init__(self, config: DaemonConfig, manager: NotifierManager, *, api_key: str | None = None) -> None:
+        """``manager``: the notifier plugins, loaded (its config checked) by the caller."""
         self.config = config
         self.api_key = api_key
+        self.manager = manager
+        self.alerting: Alerting | None = None
         self.store = SegmentStore(config.profiling.segment_dir, config.daemon.state_dir)
         self.memory = ControlMemory()
         self.store.on_discover = self.memory.catch_up
@@ -55,6 +62,8 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._last_tick_mono: float | None = None
         self._last_watchdog = 0.0
+        self._dispatching: asyncio.Task[None] | None = None
+        self._state: AlertStateStore | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -67,6 +76,9 @@ class Daemon:
 
     async def startup(self) -> None:
         self.store.lock()
+        self._state = AlertStateStore(self.config.daemon.state_dir)
+        self.alerting = Alerting(self.config, self.manager, self._state)
+        self._dispatching = asyncio.create_task(self.alerting.dispatcher.run(self._stop))
         self.tick()
         self._runner = web.AppRunner(make_app(self, self.api_key), handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -104,8 +116,16 @@ class Daemon:
 
     async def shutdown(self) -> None:
         notify("STOPPING=1")
+        self._stop.set()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._dispatching is not None:
+            await self._dispatching
+        if self.alerting is not None:
+            await self.alerting.dispatcher.drain(timeout=2.0)  # what is not delivered stays in the outbox
+        self.manager.close()
+        if self._state is not None:
+            self._state.close()
         self.store.close()
         daemon_logger.info("netprofd stopped")
 
@@ -126,6 +146,11 @@ class Daemon:
         self.apps = self.store.apps()
         self.history.add(self.store.last_tick_ns, self.apps)
         self.usage.sample({entry.pid for entry in self.store.live()})
+        if self.alerting is not None:
+            try:
+                self.alerting.tick(self.apps, self.history, self.store, self.store.last_tick_ns)
+            except Exception:  # noqa: BLE001  (a bug in alerting must not stop the snapshots)
+                daemon_logger.exception("alert evaluation failed; snapshots go on")
         self._last_tick_mono = time.monotonic()
 
     def last_tick_age(self) -> float | None:
@@ -152,6 +177,13 @@ class Daemon:
             daemon_logger.error("reload of %s failed; keeping the running config:\n%s", source, exc)
             notify(f"STATUS=reload failed: {exc.problems[0] if exc.problems else exc}")
             return False
+        try:
+            self.manager.configure(new.notifiers)
+        except ConfigError as exc:
+            daemon_logger.error("reload of %s failed; keeping the running config:\n%s", source, exc)
+            return False
+        if self.alerting is not None:
+            self.alerting.reconfigure(new)
         if (
             new.daemon.listen != self.config.daemon.listen
             or new.profiling.segment_dir != self.config.profiling.segment_dir
@@ -298,6 +330,72 @@ class Daemon:
             },
             "applications": apps,
         }
+
+    # -- alerts, for the API ------------------------------------------------------------
+
+    def _alerting(self) -> Alerting:
+        if self.alerting is None:
+            raise RuntimeError("netprofd has not started")
+        return self.alerting
+
+    def alerts_view(self, history: int) -> dict[str, Any]:
+        alerting = self._alerting()
+        engine, now = alerting.engine, time.time()
+        active = [
+            {
+                **alert.to_alert("firing", now).to_json(),
+                "state": alert.phase,
+                "pending_since": alert.pending_since,
+            }
+            for alert in sorted(engine.active.values(), key=lambda a: (a.rule, sorted(a.labels.items())))
+        ]
+        delivery: dict[str, dict[str, int]] = {}
+        for (plugin, outcome), count in alerting.dispatcher.outcomes.items():
+            delivery.setdefault(plugin, {})[outcome] = count
+        return {
+            "enabled": self.config.profiling.enable_alerts,
+            "active": active,
+            "history": engine.history[-history:][::-1] if history else [],
+            "silences": [s.to_json(now) for s in engine.silences.values() if s.ends_at > now],
+            "rules": [
+                {
+                    "name": r.name,
+                    "metric": r.metric,
+                    "op": r.op,
+                    "threshold": r.threshold,
+                    "window_seconds": r.window,
+                    "for_seconds": r.for_seconds,
+                    "severity": r.severity,
+                    "builtin": r.builtin,
+                    "action": r.action,
+                }
+                for r in alerting.rules
+            ],
+            "notifiers": self.manager.active,
+            "undelivered": alerting.state.pending(),
+            "delivery": delivery,
+        }
+
+    def silences_view(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [
+            s.to_json(now)
+            for s in sorted(self._alerting().engine.silences.values(), key=lambda s: s.starts_at)
+        ]
+
+    def add_silence(self, body: object) -> dict[str, Any]:
+        alerting, now = self._alerting(), time.time()
+        silence = alerting.engine.add_silence(**parse_silence(body, now))
+        alerting.state.save(alerting.engine)
+        return silence.to_json(now)
+
+    def expire_silence(self, silence_id: str) -> dict[str, Any] | None:
+        alerting, now = self._alerting(), time.time()
+        silence = alerting.engine.expire_silence(silence_id, now)
+        if silence is None:
+            return None
+        alerting.state.save(alerting.engine)
+        return silence.to_json(now)
 
     async def slowest_records(
         self, app: str | None, count: int, seconds: float | None

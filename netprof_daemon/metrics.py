@@ -137,7 +137,8 @@ class NetprofCollector(Collector):
             overhead_ms.add_metric([name], mean_ns / 1e6)
             overhead_seconds.add_metric([name], mean_ns / 1e9)
             counters = state.counters
-            auto_disables.add_metric([name], counters.auto_disable_events)
+            made = daemon.alerting.auto_disables[name] if daemon.alerting is not None else 0
+            auto_disables.add_metric([name], counters.auto_disable_events + made)
             internal_errors.add_metric([name], counters.internal_errors)
             sampled_out.add_metric([name], counters.sampled_out)
             consecutive.add_metric(
@@ -149,6 +150,7 @@ class NetprofCollector(Collector):
         yield from (requests, errors, slow, transferred, durations)
         yield from (memory_mb, memory_bytes, overhead_ms, overhead_seconds, auto_disables)
         yield from (internal_errors, sampled_out, consecutive, enabled, processes)
+        yield from self._alerting()
         up = GaugeMetricFamily("netprofd_up_seconds", "Seconds since netprofd started")
         up.add_metric([], daemon.uptime_seconds())
         yield up
@@ -157,3 +159,30 @@ class NetprofCollector(Collector):
         )
         tick.add_metric([], daemon.store.last_tick_seconds)
         yield tick
+
+    def _alerting(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        alerting = self.daemon.alerting
+        if alerting is None:
+            return
+        alerts = GaugeMetricFamily(
+            "network_profiling_alerts",
+            "Alerts pending or firing (1 each)",
+            labels=["alertname", "app", "route", "severity", "state"],
+        )
+        for alert in alerting.engine.active.values():
+            labels = alert.labels
+            alerts.add_metric(
+                [alert.rule, labels.get("app", ""), labels.get("route", ""), alert.severity, alert.phase], 1
+            )
+        yield alerts
+        outcomes = CounterMetricFamily(
+            "netprofd_notifications",
+            "Notification deliveries by plugin and outcome",
+            labels=["plugin", "outcome"],
+        )
+        for (plugin, outcome), count in sorted(alerting.dispatcher.outcomes.items()):
+            outcomes.add_metric([plugin, outcome], count)
+        yield outcomes
+        queued = GaugeMetricFamily("netprofd_notifications_undelivered", "Deliveries waiting in the outbox")
+        queued.add_metric([], len(alerting.state.pending()))
+        yield queued

@@ -32,7 +32,9 @@ def write_daemon_config(
     *,
     profiling: Mapping[str, Any] | None = None,
     daemon: Mapping[str, Any] | None = None,
+    extra: str = "",
 ) -> Path:
+    """``extra``: TOML appended as it is (``[notifiers.x]`` tables, ``[[rules]]``)."""
     tables = {
         "network_profiling": {"segment_dir": str(segment_dir), **(profiling or {})},
         "daemon": {
@@ -46,7 +48,7 @@ def write_daemon_config(
     for table, keys in tables.items():
         lines.append(f"[{table}]")
         lines.extend(f"{key} = {json.dumps(value)}" for key, value in keys.items())
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
     return path
 
 
@@ -182,12 +184,19 @@ def netprofd(
     env: Mapping[str, str] | None = None,
     port: int | None = None,
     name: str = "netprofd",
+    extra: str = "",
 ) -> Iterator[Netprofd]:
     """A started daemon reading ``segment_dir``; stopped when the block ends,
     and it must stop cleanly (exit code 0)."""
     port = port or free_port()
     config = write_daemon_config(
-        tmp / f"{name}.toml", segment_dir, tmp / f"{name}-state", port, profiling=profiling, daemon=daemon
+        tmp / f"{name}.toml",
+        segment_dir,
+        tmp / f"{name}-state",
+        port,
+        profiling=profiling,
+        daemon=daemon,
+        extra=extra,
     )
     process = Netprofd(config, port, tmp / f"{name}.log", env or daemon_env(api_key), api_key)
     try:
