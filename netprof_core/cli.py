@@ -1,5 +1,10 @@
-"""``netprof``: the user's command line. For now, ``netprof stats`` reads the
-segments of this host straight from the segment directory, no daemon needed."""
+"""``netprof``: the user's command line.
+
+``netprof stats`` reads this host's segments straight from the segment
+directory (no daemon needed), or a daemon's API with ``--url``; ``--watch``
+keeps it on screen. ``export``, ``enable``, ``disable``, ``cleanup`` and
+``reset-errors`` talk to a netprofd; ``demo`` runs the whole thing on a demo app.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .config import ConfigError, load_profiling_config
 from .reader import RouteStats, SegmentSnapshot, merge_routes, read_segments
@@ -65,7 +70,9 @@ def _render(rows: list[list[str]]) -> str:
     numeric = set(range(4, len(widths)))
     lines = []
     for row in rows:
-        cells = [cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        cells = [
+            cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -110,15 +117,28 @@ def _ms(ns: float) -> float | None:
     return None if math.isnan(ns) else ns / 1e6
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def _local_directory(args: argparse.Namespace) -> str | None:
     if args.segment_dir:
-        directory = args.segment_dir
-    else:
-        try:
-            directory = load_profiling_config(args.config).segment_dir
-        except ConfigError as exc:
-            print(f"netprof: {exc}", file=sys.stderr)
-            return 2
+        return str(args.segment_dir)
+    try:
+        return load_profiling_config(args.config).segment_dir
+    except ConfigError as exc:
+        print(f"netprof: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if args.url:
+        from .cli_remote import stats_from_daemon
+
+        return stats_from_daemon(args)
+    directory = _local_directory(args)
+    if directory is None:
+        return 2
+    if args.watch:
+        from .cli_live import watch_local
+
+        return watch_local(directory, args.interval, args.count)
     snapshots = read_segments(directory, records=False)
     if args.json:
         print(_stats_json(snapshots))
@@ -133,15 +153,79 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    parser.add_argument(
+        "--url", required=required,
+        help="a netprofd's base URL, e.g. http://127.0.0.1:9465",
+    )  # fmt: skip
+    parser.add_argument("--api-key", help="the daemon's API key (default: $NETPROF_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="netprof", description="netprof: network profiling for Python services")
+    parser = argparse.ArgumentParser(
+        prog="netprof", description="netprof: network profiling for Python services"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", help="per-route latency and errors, read from this host's segments")
-    stats.add_argument("--segment-dir", help="where the segments are (default: from the config, else /dev/shm/netprof)")
+
+    stats = commands.add_parser(
+        "stats", help="per-route latency and errors: this host's segments, or a daemon's"
+    )
+    stats.add_argument(
+        "--segment-dir", help="where the segments are (default: from the config, else /dev/shm/netprof)"
+    )
     stats.add_argument("--config", help="a netprof config file (default: $NETPROF_CONFIG)")
+    _daemon_options(stats)
+    stats.add_argument("--window", default="1m", help="with --url: 1m, 5m, 15m or all (default 1m)")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.add_argument("--watch", action="store_true", help="keep the table on screen, refreshed")
+    stats.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (--watch)")
+    stats.add_argument("--count", type=int, default=None, help="stop after this many refreshes (--watch)")
     stats.set_defaults(handler=cmd_stats)
+
+    export = commands.add_parser("export", help="download a daemon's stored request records to a file")
+    _daemon_options(export, required=True)
+    export.add_argument("--format", choices=("json", "csv", "ndjson"), default="json")
+    export.add_argument("-o", "--output", required=True, help="the file to write ('-': standard output)")
+    for name in ("since", "until", "route", "status", "min-duration-ms", "app", "limit"):
+        export.add_argument(f"--{name}", help="filter; see the export API")
+    export.set_defaults(handler=_remote("cmd_export"))
+
+    for action, help_text in (
+        ("enable", "turn profiling on in every process (or --app's)"),
+        ("disable", "turn profiling off in every process (or --app's)"),
+        ("cleanup", "drop the stored records; counters stay"),
+        ("reset-errors", "clear consecutive errors and lift an auto-disable"),
+    ):
+        command = commands.add_parser(action, help=help_text)
+        _daemon_options(command, required=True)
+        command.add_argument("--app", help="only this application")
+        command.set_defaults(handler=_remote("cmd_control"), action=action)
+
+    demo = commands.add_parser(
+        "demo", help="run a demo shop with netprofd and traffic through phases, then clean up"
+    )
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
+    demo.add_argument("--concurrency", type=int, default=8, help="clients sending at once (default 8)")
+    demo.set_defaults(handler=_run_demo)
     return parser
+
+
+def _remote(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        from . import cli_remote
+
+        return int(getattr(cli_remote, name)(args))
+
+    return handler
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo.run import run_demo
+    except ImportError as exc:
+        print(f"netprof demo needs the demo extra: pip install 'netprof[demo]' ({exc})", file=sys.stderr)
+        return 2
+    return run_demo(duration=args.duration, concurrency=args.concurrency)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
