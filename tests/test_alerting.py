@@ -5,8 +5,6 @@ a local SMTP server through mailto://), and the resolved one follows, each once.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.apps.netprofd import NP, daemon_env, netprofd, netprofd_argv, write_daemon_config
-from tests.apps.receivers import HttpReceiver, smtp_server, wait_for
+from tests.apps.netprofd import NP, daemon_env, netprofd, run_netprofd, write_daemon_config
+from tests.apps.receivers import HttpReceiver, smtp_server
 from tests.apps.servers import (
     REQUEST_TIMEOUT,
     Server,
@@ -23,6 +21,7 @@ from tests.apps.servers import (
     running,
     server_env,
     uvicorn_argv,
+    wait_for,
     write_config,
 )
 
@@ -313,14 +312,7 @@ def test_test_notify_reports_each_plugin(tmp_path: Path) -> None:
             config = write_daemon_config(
                 tmp_path / "d.toml", segment_dir, tmp_path / "state", free_port(), extra=extra
             )
-            done = subprocess.run(
-                [*netprofd_argv(config), "--test-notify"],
-                env=daemon_env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            done = run_netprofd(config, "--test-notify")
             assert done.returncode == code, done.stdout + done.stderr
             lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
             assert lines["log"] == "delivered"
@@ -338,14 +330,7 @@ def test_bad_rules_and_notifiers_are_config_errors_naming_them(tmp_path: Path) -
     config = write_daemon_config(
         tmp_path / "d.toml", tmp_path / "seg", tmp_path / "state", free_port(), extra=extra
     )
-    done = subprocess.run(
-        [*netprofd_argv(config), "--check"],
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_netprofd(config, "--check")
     assert done.returncode == 2
     out = done.stderr
     assert (
@@ -354,18 +339,10 @@ def test_bad_rules_and_notifiers_are_config_errors_naming_them(tmp_path: Path) -
         and "rules[1] (Broken).window" in out
     )
     assert "Fine" not in out
-    assert sys.executable  # the daemon ran under this interpreter
     config.write_text(
         config.read_text().split("[[rules]]")[0] + "[notifiers.nosuch]\n[notifiers.apprise]\nurls = []\n"
     )
-    done = subprocess.run(
-        [*netprofd_argv(config), "--check"],
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_netprofd(config, "--check")
     assert done.returncode == 2
     assert "notifiers.nosuch" in done.stderr and "notifiers.apprise" in done.stderr
 

@@ -66,6 +66,16 @@ def netprofd_argv(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "netprof_daemon", "--config", str(config), *extra]
 
 
+def run_netprofd(
+    config: Path, *flags: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``netprofd --config FILE <flags>`` to completion (``--check``, ``--test-notify``...)."""
+    return subprocess.run(
+        netprofd_argv(config, *flags), cwd=ROOT, env=env or daemon_env(), capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+
+
 class Netprofd:
     """One daemon process and an HTTP client that sends its key."""
 

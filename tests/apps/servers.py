@@ -212,14 +212,16 @@ def running(
 
 
 def wait_for(
-    predicate: Callable[[], object], *, timeout: float, what: str, server: Server | None = None
-) -> None:
+    predicate: Callable[[], Any], *, timeout: float = 20.0, what: str, server: Server | None = None
+) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
             message = f"timed out after {timeout} s waiting for {what}"
             raise server.fail(message) if server is not None else AssertionError(message)
         time.sleep(0.05)
+    return value
 
 
 def read_events(path: Path) -> list[list[str]]:
