@@ -59,12 +59,14 @@ class Alerting:
     def tick(
         self, apps: Mapping[str, AppState], history: WindowHistory, store: SegmentStore, now_ns: int
     ) -> None:
-        cache: dict[float, Mapping[str, Window]] = {}
+        cache: dict[tuple[float, bool], Mapping[str, Window]] = {}
 
-        def window_of(seconds: float) -> Mapping[str, Window]:
-            if seconds not in cache:
-                cache[seconds] = history.window(dict(apps), now_ns, seconds)
-            return cache[seconds]
+        def window_of(seconds: float, histograms: bool) -> Mapping[str, Window]:
+            if (seconds, histograms) not in cache:
+                cache[(seconds, histograms)] = history.window(
+                    dict(apps), now_ns, seconds, histograms=histograms
+                )
+            return cache[(seconds, histograms)]
 
         now = now_ns / 1e9
 

@@ -245,7 +245,7 @@ class Daemon:
     def overhead_by_app(self, seconds: float = 60.0) -> dict[str, float]:
         """Mean ns per timed record() over the last ``seconds``, per app (since
         start when nothing was timed in the window)."""
-        windows = self.history.window(self.apps, self.store.last_tick_ns, seconds)
+        windows = self.history.window(self.apps, self.store.last_tick_ns, seconds, histograms=False)
         means = {}
         for name, state in self.apps.items():
             recent = windows[name].counters

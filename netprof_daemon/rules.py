@@ -37,6 +37,7 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 # Metrics of a set of requests: an application's, or one route's.
 ROUTE_METRICS = ("error_rate_percent", "slow_request_percent", "request_rate", "p50_ms", "p95_ms", "p99_ms")
 # Metrics of an application's processes, not of its requests.
+PERCENTILE_METRICS = ("p50_ms", "p95_ms", "p99_ms")  # the ones that need the windows' histograms
 APP_METRICS = ("memory_mb", "process_memory_mb", "overhead_ms", "consecutive_errors", "auto_disables")
 ANY_ROUTE = "*"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -210,13 +211,13 @@ class Sample:
 def evaluate(
     rule: Rule,
     apps: Mapping[str, AppState],
-    window_of: Callable[[float], Mapping[str, Window]],
+    window_of: Callable[[float, bool], Mapping[str, Window]],
     daemon_auto_disables: Callable[[str, float], int],
 ) -> Iterator[Sample]:
     """Samples of ``rule`` for every application (and route) it covers.
-    ``window_of(seconds)`` gives each application's window;
+    ``window_of(seconds, histograms)`` gives each application's window;
     ``daemon_auto_disables(app, seconds)`` the auto-disables netprofd made in it."""
-    windows = window_of(rule.window)
+    windows = window_of(rule.window, rule.metric in PERCENTILE_METRICS)
     for name, state in apps.items():
         if rule.app is not None and rule.app != name:
             continue

@@ -101,8 +101,12 @@ class WindowHistory:
         at = bisect.bisect_right([c.taken_ns for c in ordered], target_ns)
         return ordered[at - 1] if at else ordered[0]
 
-    def window(self, apps: dict[str, AppState], now_ns: int, seconds: float) -> dict[str, Window]:
-        """Per application, what happened in the last ``seconds``."""
+    def window(
+        self, apps: dict[str, AppState], now_ns: int, seconds: float, *, histograms: bool = True
+    ) -> dict[str, Window]:
+        """Per application, what happened in the last ``seconds``. With
+        ``histograms=False`` the routes' histograms are left empty (the costly
+        part: for counts and rates they are not needed)."""
         base = self._checkpoint_before(now_ns - int(seconds * 1e9))
         result: dict[str, Window] = {}
         for name, state in apps.items():
@@ -113,7 +117,10 @@ class WindowHistory:
             result[name] = Window(
                 (now_ns - base.taken_ns) / 1e9,
                 _counters_delta(state.counters, base.counters.get(name)),
-                {key: _route_delta(route, old_routes.get(key)) for key, route in state.routes.items()},
+                {
+                    key: _route_delta(route, old_routes.get(key), histograms)
+                    for key, route in state.routes.items()
+                },
             )
         return result
 
@@ -122,16 +129,21 @@ _EMPTY = Histogram()
 _SCALARS = ("count", "errors", "slow", "sum_ns", "bytes_in", "bytes_out", "ttfb_sum_ns")
 
 
-def _route_delta(now: RouteStats, old: _RouteMark | None) -> RouteStats:
+def _route_delta(now: RouteStats, old: _RouteMark | None, histograms: bool = True) -> RouteStats:
     if old is None:
         return now
     then = old.route
     if now.count < then.count:  # cannot happen with retired totals; never show a negative
         return now
-    try:
-        histogram = now.histogram - Histogram.from_bytes(zlib.decompress(old.packed_histogram))
-    except ValueError:  # not an earlier state (totals restored from an older file): show all
-        return now
+    if not histograms:
+        histogram = _EMPTY
+    elif now.count == then.count:
+        histogram = _EMPTY  # nothing recorded in the window
+    else:
+        try:
+            histogram = now.histogram - Histogram.from_bytes(zlib.decompress(old.packed_histogram))
+        except ValueError:  # not an earlier state (totals restored from an older file): show all
+            return now
     return replace(
         now,
         **{name: getattr(now, name) - getattr(then, name) for name in _SCALARS},
