@@ -139,10 +139,7 @@ class Daemon:
     # -- one tick ---------------------------------------------------------------
 
     def tick(self) -> None:
-        try:
-            self.store.refresh()
-        except OSError as exc:  # the directory itself is unreadable: report, keep serving
-            daemon_logger.error("cannot read %s: %s", self.store.segment_dir, exc)
+        self._refresh_store()
         self.apps = self.store.apps()
         self.history.add(self.store.last_tick_ns, self.apps)
         self.usage.sample({entry.pid for entry in self.store.live()})
@@ -232,13 +229,18 @@ class Daemon:
         return self.apply(app, lambda c: c.set_retention(seconds), f"set retention to {seconds:g} s")
 
     def _refresh_now(self) -> None:
-        """Show a control change at once rather than at the next tick."""
-        for entry in self.store.live():
-            try:
-                entry.snapshot = entry.reader.snapshot(records=False, routes=False)
-            except (SegmentError, OSError):
-                pass
+        """Show a control change at once rather than at the next tick (through
+        the store, which keeps its running sums in step with each snapshot)."""
+        self._refresh_store()
         self.apps = self.store.apps()
+
+    def _refresh_store(self) -> None:
+        try:
+            self.store.refresh()
+        except OSError as exc:  # the directory itself is unreadable: report, keep serving
+            daemon_logger.error("cannot read %s: %s", self.store.segment_dir, exc)
+        except Exception:  # noqa: BLE001  (a bug of ours must not end the daemon)
+            daemon_logger.exception("reading the segments failed; the last snapshots stand")
 
     # -- views, for the API ---------------------------------------------------------
 

@@ -30,7 +30,10 @@ ROUTES = [  # direction, method, route, median latency (s), error rate
 
 def worker(segment_dir: str, requests: int, seed: int) -> None:
     config = ProfilingConfig(
-        segment_dir=segment_dir, app_name="synthetic-shop", slow_request_threshold=0.1, log_slow_requests=False
+        segment_dir=segment_dir,
+        app_name="synthetic-shop",
+        slow_request_threshold=0.1,
+        log_slow_requests=False,
     )
     recorder = Recorder(config)
     route_ids = [recorder.route_id(route, method, direction) for direction, method, route, _, _ in ROUTES]
@@ -45,7 +48,15 @@ def worker(segment_dir: str, requests: int, seed: int) -> None:
             status, kind = 0, ErrorKind.TIMEOUT
         else:
             status, kind = (503 if failed else 200), ErrorKind.NONE
-        recorder.record(route_ids[which], status, now, now + duration, rng.randrange(100, 2000), rng.randrange(200, 20000), kind)
+        recorder.record(
+            route_ids[which],
+            status,
+            now,
+            now + duration,
+            rng.randrange(100, 2000),
+            rng.randrange(200, 20000),
+            kind,
+        )
         now += duration
     recorder.close()
 
@@ -54,13 +65,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--requests", type=int, default=100_000, help="per worker")
-    parser.add_argument("--segment-dir", help="keep the segments here (default: a temporary directory, removed)")
+    parser.add_argument(
+        "--segment-dir", help="keep the segments here (default: a temporary directory, removed)"
+    )
     args = parser.parse_args()
 
     segment_dir = args.segment_dir or tempfile.mkdtemp(prefix="netprof-synthetic-")
     context = multiprocessing.get_context("fork")
     started = time.perf_counter()
-    workers = [context.Process(target=worker, args=(segment_dir, args.requests, seed)) for seed in range(args.workers)]
+    workers = [
+        context.Process(target=worker, args=(segment_dir, args.requests, seed))
+        for seed in range(args.workers)
+    ]
     for process in workers:
         process.start()
     for process in workers:
