@@ -14,7 +14,6 @@ the benchmark's ``extra_info``; report.py prints them.
 from __future__ import annotations
 
 from apps import PATH, raw_asgi_app, raw_wsgi_app, starlette_app
-
 from netprof_plugins.pytest_overhead import NetProfOverhead
 
 BOUND_US = 20.0
