@@ -43,6 +43,9 @@ MODULES = [
     "netprof_core._layout",
     "netprof_core._recorder",
     "netprof_core._recorder_py",
+    "netprof_core._failures",
+    "netprof_core._hookpaths",
+    "netprof_core._outbound_py",
     "netprof_core._wsgi_py",
     "netprof_core.asgi",
     "netprof_core.cli",
@@ -88,7 +91,7 @@ def test_compiled_hook_paths_loaded() -> None:
     source itself found through the link."""
     from netprof_core._hookpaths import hook_path
 
-    for name in ("wsgi",):
+    for name in ("outbound", "wsgi"):
         assert not hook_path(name, "cython").__file__.endswith(".py"), name
 
 
