@@ -3,7 +3,7 @@ cimport cython
 from libc.stdint cimport int64_t
 
 
-cdef Py_ssize_t _OUTBOUND
+cdef object _OUTBOUND
 cdef object monotonic_ns
 cdef object error_kind_of
 cdef object content_length

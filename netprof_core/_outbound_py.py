@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import monotonic_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import _instrumentation
@@ -20,11 +20,13 @@ from ._failures import error_kind_of
 from ._instrumentation import timed
 from ._layout import Direction
 from .hooks import ROUTE_CACHE_LIMIT, content_length
-from .recorder import Recorder
+
+if TYPE_CHECKING:
+    from .recorder import Recorder
 
 PathTemplate = Callable[[str], str]
 
-_OUTBOUND = int(Direction.OUTBOUND)
+_OUTBOUND = Direction.OUTBOUND
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -66,7 +68,7 @@ class OutboundHook:
                 if route is None:
                     route = self._route(method, host, port, url)
                 self.last_route = (method, host, port, route)  # one tuple: threads see all of it or none
-        error_kind = 0 if exc is None else int(error_kind_of(exc))
+        error_kind = 0 if exc is None else error_kind_of(exc)
         self.record_call(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind)
 
     def _route(self, method: str, host: str, port: int | None, url: object) -> int:
@@ -79,11 +81,6 @@ class OutboundHook:
         if len(self.routes) < ROUTE_CACHE_LIMIT:  # past it (a crawler, say), ask each time
             self.routes[method, host, port] = route
         return route
-
-    @staticmethod
-    def transport_class() -> type[HttpxTransport]:
-        """The wrapper of httpx transports made by this twin."""
-        return HttpxTransport
 
     def httpx_done(self, request: Any, response: Any, exc: BaseException | None, start_ns: int) -> None:
         """Records an httpx request sent at ``start_ns``: its response, or the exception it raised."""

@@ -111,7 +111,10 @@ def instrument_httpx_client(
     import httpx
 
     hook = _hook(recorder, path_template)
-    wrapper = _AsyncTransport if isinstance(client, httpx.AsyncClient) else type(hook).transport_class()
+    if isinstance(client, httpx.AsyncClient):
+        wrapper: type = _AsyncTransport
+    else:  # the twin that matches the hook's core
+        wrapper = hook_path("outbound", hook.recorder.implementation).HttpxTransport
     # httpx has no public way to reach an existing client's transports.
     client._transport = _wrap_transport(client._transport, hook, wrapper)  # type: ignore[attr-defined]
     mounts = client._mounts  # type: ignore[attr-defined]
