@@ -29,6 +29,8 @@ class WsgiRequests:
     """Serves the requests of one middleware: ``serve`` is its ``__call__``."""
 
     def __init__(self, hook: InboundHook) -> None:
+        # The middleware's settings, copied once: typed fields are what make
+        # the compiled code fast. (route_ids is the hook's own dict, shared.)
         self.hook = hook
         self.app = hook.app
         self.excluded = hook.excluded
