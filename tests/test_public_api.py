@@ -99,9 +99,14 @@ def test_hook_paths_follow_the_recorder_core(make_recorder, implementation: str)
     from netprof_core._hookpaths import hook_path
     from netprof_core.wsgi import NetProfMiddleware
 
-    middleware = NetProfMiddleware(lambda environ, start_response: [], recorder=make_recorder())
+    from netprof_core.clients import _hook
+
+    recorder = make_recorder()
+    middleware = NetProfMiddleware(lambda environ, start_response: [], recorder=recorder)
     assert middleware._serve.__self__.__class__.__module__ == hook_path("wsgi", implementation).__name__
+    assert type(_hook(recorder, None)).__module__ == hook_path("outbound", implementation).__name__
     assert hook_path("wsgi", "python").__name__ == "netprof_core._wsgi_py"
+    assert hook_path("outbound", "python").__name__ == "netprof_core._outbound_py"
 
 
 def test_no_extensions_variable_forces_the_python_core() -> None:
