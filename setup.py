@@ -1,4 +1,5 @@
-"""Builds the Cython recorder core. NETPROF_NO_EXTENSIONS=1 (or a non-CPython
+"""Builds the Cython recorder core and the hooks' per-request code (each
+``_<name>_c.py`` is a link to ``_<name>_py.py``: one source, compiled here). NETPROF_NO_EXTENSIONS=1 (or a non-CPython
 interpreter) installs the pure-Python twin instead; otherwise a failed build
 fails the install, since a silent fallback would hide a slow profiler."""
 
@@ -18,6 +19,10 @@ else:
 
     print("*" * 60, "netprof: building the accelerated (Cython) core", "*" * 60, sep="\n", file=sys.stderr)
     # Compiler directives are in the .pyx header.
-    ext_modules = cythonize([Extension("netprof_core._recorder_c", ["netprof_core/_recorder_c.pyx"])])
+    compiled_twins = ["_outbound_c", "_wsgi_c"]
+    ext_modules = cythonize(
+        [Extension("netprof_core._recorder_c", ["netprof_core/_recorder_c.pyx"])]
+        + [Extension(f"netprof_core.{name}", [f"netprof_core/{name}.py"]) for name in compiled_twins]
+    )
 
 setup(ext_modules=ext_modules)

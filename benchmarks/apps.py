@@ -38,12 +38,24 @@ async def raw_asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": BODY})
 
 
+# Requests the item route answered in this process: the end-to-end benchmark
+# checks that netprof recorded each of them once (GET SERVED_PATH tells).
+_served = 0
+SERVED_PATH = "/served"
+
+
 async def _item(request: Request) -> PlainTextResponse:
+    global _served
+    _served += 1
     return PlainTextResponse("OK")
 
 
+async def _served_count(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(_served))
+
+
 def starlette_app() -> Starlette:
-    return Starlette(routes=[Route(TEMPLATE, _item)])
+    return Starlette(routes=[Route(TEMPLATE, _item), Route(SERVED_PATH, _served_count)])
 
 
 def netprof_starlette_app() -> Any:

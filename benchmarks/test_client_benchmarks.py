@@ -16,9 +16,19 @@ the URL, cookies, the response); the difference is what netprof adds: the
 timing, the route lookup, reading Content-Length and one ``record()``. The
 difference is small beside httpx's own time, so compare the two figures of one
 run only, and expect a µs or so of noise on a shared machine.
+
+The transport benchmarks measure the hook alone, without that noise: CALLS
+requests built beforehand (each with its own parsed URL, as httpx makes one per
+request) go straight to a transport that answers each with one prepared
+response, bare or wrapped by the hook:
+
+    overhead per request = test_httpx_transport_instrumented[core] - test_httpx_transport_bare
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +36,7 @@ import pytest
 from netprof_core.clients import instrument_httpx_client
 
 CALLS = 1000
+ROUNDS = 200
 URL = "http://api.example.com:8080/items/42"
 BODY = b'{"id": 42, "name": "widget"}'
 HEADERS = {"content-type": "application/json", "server": "uvicorn", "date": "Thu, 26 Nov 2026 10:00:00 GMT"}
@@ -53,3 +64,37 @@ def test_httpx_instrumented(benchmark, make_recorder) -> None:
         benchmark(send_requests, client)
     counters = recorder.snapshot(records=False).counters
     assert counters.requests >= CALLS and counters.internal_errors == 0
+
+
+class PreparedTransport(httpx.BaseTransport):
+    """Answers every request with the same response: the least a transport can do."""
+
+    def __init__(self) -> None:
+        self.response = handler(httpx.Request("GET", URL))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.response
+
+
+def handle_requests(transport: httpx.BaseTransport, requests: list[httpx.Request]) -> None:
+    handle = transport.handle_request
+    for request in requests:
+        handle(request)
+
+
+def with_new_requests(transport: httpx.BaseTransport) -> Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]:
+    """pedantic's setup: each round gets CALLS requests it has not seen."""
+    return lambda: ((transport, [httpx.Request("GET", URL) for _ in range(CALLS)]), {})
+
+
+def test_httpx_transport_bare(benchmark) -> None:
+    benchmark.pedantic(handle_requests, setup=with_new_requests(PreparedTransport()), rounds=ROUNDS)
+
+
+def test_httpx_transport_instrumented(benchmark, make_recorder) -> None:
+    recorder = make_recorder()
+    client = instrument_httpx_client(httpx.Client(transport=PreparedTransport()), recorder)
+    hooked = client._transport  # the hook's wrapper around PreparedTransport
+    benchmark.pedantic(handle_requests, setup=with_new_requests(hooked), rounds=ROUNDS)
+    counters = recorder.snapshot(records=False).counters
+    assert counters.requests == ROUNDS * CALLS and counters.internal_errors == 0

@@ -7,7 +7,9 @@ under the same loopback load: what the middleware costs a real server.
     cd /work/main && PYTHONPATH=. python benchmarks/test_end_to_end.py
 
 Skipped unless NETPROF_E2E=1: it takes two minutes and no CI figure of it means
-anything. It prints figures and never fails on them.
+anything. It prints figures and never fails on them; it fails when netprof did
+not record, exactly once, each request the application answered (the app
+counts them; GET /served).
 
 One uvicorn per variant (1 worker, ``--log-level warning --no-access-log``,
 serving benchmarks/apps.py): the bare Starlette app, a second bare server as a
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from apps import PATH
+from apps import PATH, SERVED_PATH, TEMPLATE
 
 RUNS = int(os.environ.get("NETPROF_E2E_RUNS", "5"))
 SECONDS = int(os.environ.get("NETPROF_E2E_SECONDS", "5"))
@@ -86,6 +88,8 @@ class Variant:
     rps: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # server CPU per request
     errors: int = 0
+    served: int = 0  # requests the application answered, by its own count
+    recorded: int = 0  # requests netprof recorded
 
 
 def _variants() -> list[Variant]:
@@ -188,9 +192,22 @@ def _load(variant: Variant, seconds: int) -> None:
 
 
 def _recorded(segment_dir: str) -> int:
+    """Requests netprof recorded on the item route."""
     from netprof_core import read_segments
 
-    return sum(snapshot.counters.requests for snapshot in read_segments(segment_dir, records=False))
+    snapshots = read_segments(segment_dir, records=False)
+    return sum(route.count for snapshot in snapshots for route in snapshot.routes if route.key.template == TEMPLATE)
+
+
+def _served(port: int) -> int:
+    """Requests the server's item route answered (the application counts them)."""
+    request = f"GET {SERVED_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        response = b""
+        while chunk := sock.recv(4096):
+            response += chunk
+    return int(response.rsplit(b"\r\n\r\n", 1)[1])
 
 
 def _server_stack() -> str:
@@ -219,10 +236,14 @@ def run() -> list[Variant]:
                 _load(variant, SECONDS)
             figures = (f"{v.name} {v.rps[-1]:.0f} req/s {v.cpu_us[-1]:.1f} µs" for v in variants)
             print(f"run {i + 1}: " + ", ".join(figures))
-        recorded = {v.name: _recorded(v.segment_dir) for v in variants if v.implementation}
+        for variant in variants:
+            variant.served = _served(variant.port)
+            if variant.implementation:
+                variant.recorded = _recorded(variant.segment_dir)
     _report(variants)
+    counts = ", ".join(f"{v.name} {v.recorded} of {v.served}" for v in variants if v.implementation)
     print(f"errors (non-2xx, socket): {sum(v.errors for v in variants)}; "
-          f"requests netprof recorded: {recorded}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+          f"requests recorded of those served: {counts}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     return variants
 
 
@@ -248,6 +269,10 @@ def test_end_to_end_throughput(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         variants = run()
     assert all(v.errors == 0 for v in variants)
+    for variant in variants:
+        assert variant.served > 0, variant.name
+        if variant.implementation:
+            assert variant.recorded == variant.served, (variant.name, variant.recorded, variant.served)
 
 
 if __name__ == "__main__":

@@ -529,6 +529,26 @@ def test_an_httpx_client_instrumented_twice_records_once(
     assert second.snapshot().counters.requests == 1
 
 
+@pytest.mark.c_extension
+def test_an_httpx_client_instrumented_again_with_the_other_core_records_once(
+    segment_dir: Any, server: LocalServer
+) -> None:
+    from netprof_core import ProfilingConfig
+
+    config = ProfilingConfig(segment_dir=str(segment_dir), app_name="test-app")
+    first, second = Recorder(config, implementation="python"), Recorder(config, implementation="cython")
+    try:
+        with httpx.Client() as client:
+            instrument_httpx_client(client, first)
+            instrument_httpx_client(client, second)
+            client.get(server.url("/ok"))
+        assert first.snapshot().counters.requests == 0
+        assert second.snapshot().counters.requests == 1
+    finally:
+        first.close()
+        second.close()
+
+
 def test_aiohttp_raise_for_status_keeps_the_status(recorder: Recorder, server: LocalServer) -> None:
     async def fetch() -> None:
         async with aiohttp.ClientSession(raise_for_status=True) as session:

@@ -43,6 +43,10 @@ MODULES = [
     "netprof_core._layout",
     "netprof_core._recorder",
     "netprof_core._recorder_py",
+    "netprof_core._failures",
+    "netprof_core._hookpaths",
+    "netprof_core._outbound_py",
+    "netprof_core._wsgi_py",
     "netprof_core.asgi",
     "netprof_core.cli",
     "netprof_core.clients",
@@ -79,6 +83,30 @@ def test_cython_core_loaded() -> None:
     assert netprof_core.IMPLEMENTATION == "cython"
     core = importlib.import_module("netprof_core._recorder")
     assert core.RecorderCore.__module__ == "netprof_core._recorder_c"
+
+
+@pytest.mark.c_extension
+def test_compiled_hook_paths_loaded() -> None:
+    """The hooks' per-request code compiled from the same source, not the
+    source itself found through the link."""
+    from netprof_core._hookpaths import hook_path
+
+    for name in ("outbound", "wsgi"):
+        assert not hook_path(name, "cython").__file__.endswith(".py"), name
+
+
+def test_hook_paths_follow_the_recorder_core(make_recorder, implementation: str) -> None:
+    from netprof_core._hookpaths import hook_path
+    from netprof_core.wsgi import NetProfMiddleware
+
+    from netprof_core.clients import _hook
+
+    recorder = make_recorder()
+    middleware = NetProfMiddleware(lambda environ, start_response: [], recorder=recorder)
+    assert middleware._serve.__self__.__class__.__module__ == hook_path("wsgi", implementation).__name__
+    assert type(_hook(recorder, None)).__module__ == hook_path("outbound", implementation).__name__
+    assert hook_path("wsgi", "python").__name__ == "netprof_core._wsgi_py"
+    assert hook_path("outbound", "python").__name__ == "netprof_core._outbound_py"
 
 
 def test_no_extensions_variable_forces_the_python_core() -> None:

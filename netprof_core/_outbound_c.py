@@ -1,0 +1,1 @@
+_outbound_py.py

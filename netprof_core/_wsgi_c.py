@@ -1,0 +1,1 @@
+_wsgi_py.py
