@@ -53,7 +53,7 @@ def _daemon_report(whole: dict[str, dict[str, object]]) -> None:
     medians = {name: b["stats"]["median"] * 1e3 for name, b in whole.items()}  # type: ignore[index]
     for n in ("8procs", "64procs"):
         collector = medians.get(f"test_multiprocess_collector[{n}]")
-        for kind in ("tick", "cold_snapshot"):
+        for kind in ("tick", "tick_all_routes", "cold_snapshot"):
             ours = medians.get(f"test_daemon_{kind}[{n}]")
             if ours is not None and collector is not None:
                 print(f"netprofd {kind} {n}: {ours:.2f} ms; MultiProcessCollector {collector:.2f} ms: "

@@ -7,7 +7,8 @@ For N = 8 and 64 processes, each with 2 000 requests over 5 routes:
   consistent snapshot of each and sums them per application and route (what
   netprofd does at start, and the CLI every time);
 * ``test_daemon_tick``: the daemon's steady tick when every process recorded
-  since the last one (idle processes cost one load each, and are skipped);
+  since the last one (idle processes cost one load each, and are skipped),
+  on one of its routes; ``test_daemon_tick_all_routes``: on every route;
 * ``test_multiprocess_collector``: ``MultiProcessCollector.collect()`` over N
   ``histogram_<pid>.db`` files holding the same requests in a labelled
   Histogram (what a user of prometheus_client's multiprocess mode scrapes).
@@ -129,6 +130,28 @@ def test_daemon_tick(benchmark, segments) -> None:
 
     benchmark.pedantic(tick, setup=touch_every_segment, rounds=30, iterations=1)
     assert store.apps()["bench"].counters.requests >= RECORDS * len(recorders)
+    store.close()
+
+
+def test_daemon_tick_all_routes(benchmark, segments) -> None:
+    """The tick when every route of every process recorded since the last one."""
+    directory, recorders = segments
+    store = SegmentStore(directory)
+    store.refresh()
+    routes = [[recorder.route_id(route) for route in ROUTES] for recorder in recorders]
+
+    def touch_every_route() -> tuple[tuple[()], dict[str, object]]:
+        for recorder, ids in zip(recorders, routes):
+            for route in ids:
+                start = time.monotonic_ns()
+                recorder.record(route, 200, start, start + 5_000_000)
+        return (), {}
+
+    def tick() -> None:
+        store.refresh()
+        store.apps()
+
+    benchmark.pedantic(tick, setup=touch_every_route, rounds=30, iterations=1)
     store.close()
 
 

@@ -64,7 +64,7 @@ class OutboundHook:
             if last[1] == host and last[2] == port and last[0] == method:
                 route = last[3]
             else:
-                route = self.routes.get((method, host, port))
+                route = self.routes.get((method, host, port))  # type: ignore[assignment]
                 if route is None:
                     route = self._route(method, host, port, url)
                 self.last_route = (method, host, port, route)  # one tuple: threads see all of it or none

@@ -190,7 +190,7 @@ def _wrap_transport(transport: Any, hook: OutboundHook, wrapper: type) -> Any:
         # Instrumented again: the latest settings, still one record (a wrapper
         # of the twin that matches the new hook's core, around the same transport).
         if type(transport) is wrapper:
-            transport.hook = hook
+            transport.hook = hook  # type: ignore[attr-defined]
             return transport
         transport = transport.inner
     return wrapper(transport, hook)

@@ -196,8 +196,10 @@ class SegmentSnapshot:
     # False when the writer died inside an update: one request may be half-applied.
     complete: bool = True
     # The statistics copy itself, and the names of its routes by id: what
-    # :meth:`route_blocks` sums from when ``routes`` was not built.
-    stats: bytes = field(default=b"", repr=False, compare=False)
+    # :meth:`route_blocks` sums from when ``routes`` was not built. ``blocks``
+    # holds each route's block of u64 words; a snapshot taken by
+    # :meth:`SegmentReader.refresh` shares its unchanged blocks with the last one.
+    blocks: tuple[memoryview, ...] = field(default=(), repr=False, compare=False)
     route_keys: tuple[RouteKey, ...] = field(default=(), repr=False, compare=False)
     control_words: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
@@ -211,25 +213,18 @@ class SegmentSnapshot:
         """(key, block then or None, block now) of each route that recorded
         since ``earlier``, a snapshot of the same segment. A route's block
         changes only with its count, so unchanged routes cost one comparison."""
-        now = memoryview(self.stats).cast("Q")
-        then = memoryview(earlier.stats).cast("Q")
-        known = len(earlier.route_keys)
-        size = L.ROUTE_BLOCK_WORDS
-        for route_id, key in enumerate(self.route_keys):
-            start = L.ROUTES_START + route_id * size
-            if route_id < known:
-                if now[start + L.R_COUNT] == then[start + L.R_COUNT]:
+        then = earlier.blocks
+        for route_id, (key, block) in enumerate(zip(self.route_keys, self.blocks)):
+            if route_id < len(then):
+                if block is then[route_id] or block[L.R_COUNT] == then[route_id][L.R_COUNT]:
                     continue
-                yield key, then[start : start + size], now[start : start + size]
+                yield key, then[route_id], block
             else:
-                yield key, None, now[start : start + size]
+                yield key, None, block
 
     def route_blocks(self) -> Iterator[tuple[RouteKey, memoryview]]:
         """Each route's block of u64 words (see ``_layout``), for :class:`RouteSums`."""
-        words = memoryview(self.stats).cast("Q")
-        for route_id, key in enumerate(self.route_keys):
-            start = L.ROUTES_START + route_id * L.ROUTE_BLOCK_WORDS
-            yield key, words[start : start + L.ROUTE_BLOCK_WORDS]
+        yield from zip(self.route_keys, self.blocks)
 
     @property
     def memory_bytes(self) -> int:
@@ -282,7 +277,9 @@ class SegmentReader:
             return self._buf[offset : offset + size]
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
-            raise SegmentError(self.path, f"truncated while being read: {len(data)} of {size} bytes at {offset}")
+            raise SegmentError(
+                self.path, f"truncated while being read: {len(data)} of {size} bytes at {offset}"
+            )
         return data
 
     def close(self) -> None:
@@ -362,24 +359,14 @@ class SegmentReader:
             if routes
             else ()
         )
-        counters = Counters(
-            requests=words[L.G_NEXT_INDEX],
-            sampled_out=words[L.G_SAMPLED_OUT],
-            disabled_calls=words[L.G_DISABLED_CALLS],
-            internal_errors=words[L.G_INTERNAL_ERRORS],
-            auto_disable_events=words[L.G_AUTO_DISABLE_EVENTS],
-            overflowed_routes=overflowed,
-            overhead_count=words[L.G_OVERHEAD_COUNT],
-            overhead_sum_ns=words[L.G_OVERHEAD_SUM_NS],
-            overhead_max_ns=words[L.G_OVERHEAD_MAX_NS],
-            # A pending reset clears the count at the next error; it counts as done.
-            consecutive_errors=0
-            if control_words[L.C_RESET_ERRORS_REQUEST] != words[L.G_RESET_ACK]
-            else words[L.G_CONSECUTIVE_ERRORS],
-            overhead_histogram=_histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS]),
-        )
+        overhead = _histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS])
+        counters = _counters(words, overflowed, control_words, overhead)
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(words[L.G_NEXT_INDEX], control, keys, now) if records else ()
+        size = L.ROUTE_BLOCK_WORDS
+        blocks = tuple(
+            words[L.ROUTES_START + i * size : L.ROUTES_START + (i + 1) * size] for i in range(route_count)
+        )
         return SegmentSnapshot(
             self.path,
             header,
@@ -390,10 +377,72 @@ class SegmentReader:
             now,
             source,
             complete,
-            stats,
+            blocks,
             keys,
             control_words,
         )
+
+    def refresh(self, previous: SegmentSnapshot, *, attempts: int = 3) -> SegmentSnapshot:
+        """What ``snapshot(records=False, routes=False, alive=True)`` gives,
+        reading only what changed since ``previous`` (a snapshot of this
+        segment): the blocks of the routes whose count moved, and the overhead
+        histogram when a record was timed; the others are shared with
+        ``previous``. A route's block changes only with its count, under the
+        sequence counter, so a count read between two equal, even reads of
+        that counter tells whether the block moved. With a writer too busy for
+        that, a full snapshot (which can ask it to publish)."""
+        buf, live = self._buf, self.layout.live_offset
+        route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
+        if not 1 <= route_count <= self.layout.route_slots or len(previous.blocks) > route_count:
+            return self.snapshot(records=False, routes=False, alive=True)
+        block_bytes = L.ROUTE_BLOCK_WORDS * L.WORD
+        for _ in range(attempts):
+            seq = self._word(live)
+            if seq & 1:
+                continue
+            globals_ = memoryview(self._read(live, L.GLOBAL_WORDS * L.WORD)).cast("Q")
+            overhead = previous.counters.overhead_histogram
+            if globals_[L.G_OVERHEAD_COUNT] != previous.counters.overhead_count:
+                offset = live + L.OVERHEAD_HIST * L.WORD
+                overhead = Histogram.from_bytes(
+                    self._read(offset, L.HIST_BUCKETS * L.WORD), globals_[L.G_OVERHEAD_MAX_NS]
+                )
+            blocks = []
+            for route_id in range(route_count):
+                offset = live + self.layout.route_block(route_id) * L.WORD
+                if (
+                    route_id < len(previous.blocks)
+                    and self._word(offset) == previous.blocks[route_id][L.R_COUNT]
+                ):
+                    blocks.append(previous.blocks[route_id])
+                else:
+                    blocks.append(memoryview(self._read(offset, block_bytes)).cast("Q"))
+            if self._word(live) != seq:
+                continue  # written meanwhile: the reads may not agree
+            control_words = read_control_words(buf)
+            if self._control_seen is None or control_words != self._control_seen[0]:
+                self._control_seen = (control_words, ControlState.from_words(control_words))
+            closed_ns = self._word(L.CLOSED_NS_OFFSET)
+            header = (
+                self.header
+                if closed_ns == self.header.closed_ns
+                else replace(self.header, closed_ns=closed_ns)
+            )
+            return SegmentSnapshot(
+                self.path,
+                header,
+                self._control_seen[1],
+                _counters(globals_, overflowed, control_words, overhead),
+                (),
+                (),
+                time.time_ns(),
+                "final" if closed_ns else "live",
+                True,
+                tuple(blocks),
+                self._route_keys(route_count),
+                control_words,
+            )
+        return self.snapshot(records=False, routes=False, alive=True)
 
     def _route_keys(self, route_count: int) -> tuple[RouteKey, ...]:
         """The names of the first ``route_count`` routes. An entry never changes
@@ -525,6 +574,28 @@ def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key:
         status_classes=tuple(words[r + L.R_STATUS_CLASSES : r + L.R_STATUS_CLASSES + L.STATUS_CLASSES]),
         error_kinds=tuple(words[r + L.R_ERROR_KINDS : r + L.R_ERROR_KINDS + L.ERROR_KINDS]),
         histogram=_histogram(words, r + L.ROUTE_HEADER_WORDS, words[r + L.R_MAX_NS]),
+    )
+
+
+def _counters(
+    words: memoryview, overflowed: int, control_words: tuple[int, ...], overhead: Histogram
+) -> Counters:
+    """The segment-wide counters, from the statistics' global words."""
+    return Counters(
+        requests=words[L.G_NEXT_INDEX],
+        sampled_out=words[L.G_SAMPLED_OUT],
+        disabled_calls=words[L.G_DISABLED_CALLS],
+        internal_errors=words[L.G_INTERNAL_ERRORS],
+        auto_disable_events=words[L.G_AUTO_DISABLE_EVENTS],
+        overflowed_routes=overflowed,
+        overhead_count=words[L.G_OVERHEAD_COUNT],
+        overhead_sum_ns=words[L.G_OVERHEAD_SUM_NS],
+        overhead_max_ns=words[L.G_OVERHEAD_MAX_NS],
+        # A pending reset clears the count at the next error; it counts as done.
+        consecutive_errors=0
+        if control_words[L.C_RESET_ERRORS_REQUEST] != words[L.G_RESET_ACK]
+        else words[L.G_CONSECUTIVE_ERRORS],
+        overhead_histogram=overhead,
     )
 
 

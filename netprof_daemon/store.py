@@ -189,7 +189,11 @@ class SegmentStore:
         if sequence == entry.sequence and control_same and not ended and not entry.reader.closed_ns():
             return  # nothing recorded since the last tick: the snapshot stands
         try:
-            snapshot = entry.reader.snapshot(records=False, routes=False, alive=not ended)
+            snapshot = (
+                entry.reader.snapshot(records=False, routes=False, alive=False)
+                if ended
+                else entry.reader.refresh(entry.snapshot)
+            )
         except SegmentBusy as exc:
             store_logger.warning("%s; keeping the previous snapshot", exc)
             return
