@@ -76,11 +76,20 @@ class ControlMemory:
         self.config: ProfilingConfig | None = None  # pushed by a reload
         self.enabled: dict[str | None, bool] = {}  # by app; None: every app
         self.retention_seconds: float | None = None
+        self.auto_disabled: set[str] = set()  # apps a disable rule stopped, until /enable or reset-errors
 
     def remember_enabled(self, app: str | None, on: bool) -> None:
         if app is None:
             self.enabled.clear()
         self.enabled[app] = on
+        if on:
+            self.lift_auto_disable(app)
+
+    def lift_auto_disable(self, app: str | None) -> None:
+        if app is None:
+            self.auto_disabled.clear()
+        else:
+            self.auto_disabled.discard(app)
 
     def catch_up(self, entry: ProcessEntry) -> None:
         """Apply to a newly found process what the other processes were given."""
@@ -93,6 +102,8 @@ class ControlMemory:
             actions.append(
                 (SegmentControl.enable if on else SegmentControl.disable, "enable" if on else "disable")
             )
+        if entry.app in self.auto_disabled:
+            actions.append((SegmentControl.auto_disable, "auto-disable"))
         if self.retention_seconds is not None:
             seconds = self.retention_seconds
             actions.append((lambda c: c.set_retention(seconds), "set retention"))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from netprof_core import SegmentControl
 
 from . import actions
+from .actions import ControlMemory
 from .alerts import AlertEngine
 from .config import DaemonConfig
 from .delivery import Dispatcher
@@ -25,8 +26,11 @@ __all__ = ("Alerting",)
 
 
 class Alerting:
-    def __init__(self, config: DaemonConfig, manager: NotifierManager, state: AlertStateStore) -> None:
+    def __init__(
+        self, config: DaemonConfig, manager: NotifierManager, state: AlertStateStore, memory: ControlMemory
+    ) -> None:
         self.manager = manager
+        self.memory = memory  # so that processes started later stay auto-disabled too
         self.state = state
         settings = config.daemon
         self.engine = AlertEngine(
@@ -80,15 +84,21 @@ class Alerting:
             alert_logger.warning("firing: %s", alert.summary)
             if alert.action == "disable":
                 self._auto_disable(store, alert.labels["app"], alert.rule, now)
+        self.engine.prune(now)
         notifications = self.engine.due(now)
         if self.engine.changed or notifications:
             extra = {"auto_disables": dict(self.auto_disables)}
-            self.state.save(self.engine, notifications, self.manager.active, extra=extra)
+            try:
+                self.state.save(self.engine, notifications, self.manager.active, extra=extra)
+            except Exception:
+                self.engine.requeue(notifications)  # kept for the next tick's save
+                raise
         if notifications:
             self.dispatcher.wake()
 
     def _auto_disable(self, store: SegmentStore, app: str, rule: str, now: float) -> None:
         result = actions.apply(store.live(app), SegmentControl.auto_disable, f"auto-disable ({rule})")
+        self.memory.auto_disabled.add(app)
         if result.segments:
             self.auto_disables[app] += 1
             self._auto_disable_times = [(at, a) for at, a in self._auto_disable_times if now - at < 3600]

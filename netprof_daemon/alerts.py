@@ -148,16 +148,21 @@ class AlertEngine:
                 alert.summary = _summary(sample.rule, sample)
                 if alert.phase == "pending" and now - alert.pending_since >= sample.rule.for_seconds:
                     self._fire(alert, now)
-            elif alert is not None:
+            elif alert is not None and sample.value is not None:
                 alert.value = sample.value
                 alert.summary = _summary(sample.rule, sample)
-                self._maybe_end(alert, sample.rule, now)
+                self._maybe_end(alert, sample.rule.keep_firing_for, now)
+            elif alert is not None:
+                # No verdict (too few requests, or a window still empty after a
+                # restart): a firing alert stands until the requests that made
+                # it fire have left the rule's window.
+                self._maybe_end(alert, max(sample.rule.window, sample.rule.keep_firing_for), now)
         # An alert whose rule no longer yields a sample (an app gone, a rule removed) ends too.
         by_name = {rule.name: rule for rule in rules}
         for key, alert in list(self.active.items()):
             if key not in seen:
                 rule = by_name.get(alert.rule)
-                self._maybe_end(alert, rule, now, keep=rule.keep_firing_for if rule else 0.0)
+                self._maybe_end(alert, rule.keep_firing_for if rule else 0.0, now)
         for alert in self.active.values():
             if (
                 alert.phase == "firing"
@@ -194,10 +199,8 @@ class AlertEngine:
         self._queue(alert.to_alert("firing", now), "firing", now)
         self.changed = True
 
-    def _maybe_end(
-        self, alert: ActiveAlert, rule: Rule | None, now: float, keep: float | None = None
-    ) -> None:
-        damping = keep if keep is not None else (rule.keep_firing_for if rule else 0.0)
+    def _maybe_end(self, alert: ActiveAlert, damping: float, now: float) -> None:
+        """End ``alert`` unless it held within the last ``damping`` seconds."""
         if alert.phase == "pending":
             del self.active[alert.key]
             self.changed = True
@@ -216,6 +219,7 @@ class AlertEngine:
             self.history.append(
                 {"at": now, "event": "silenced", "silence": silence.id, "alert": alert.to_json()}
             )
+            del self.history[:-500]
             return
         group = self._groups.get(state)
         if group is None:
@@ -226,6 +230,22 @@ class AlertEngine:
         self.history.append({"at": now, "event": event, "alert": alert.to_alert(
             "resolved" if event == "resolved" else "firing", now).to_json()})  # fmt: skip
         del self.history[:-500]
+
+    def requeue(self, notifications: Iterable[Notification]) -> None:
+        """Put back notifications :meth:`due` handed out that could not be kept."""
+        for notification in notifications:
+            group = self._groups.setdefault(
+                notification.state, _Group(notification.state, notification.created_at)
+            )
+            for alert in notification.alerts:
+                group.alerts.setdefault(fingerprint(alert.labels), alert)
+
+    def prune(self, now: float, keep_expired: float = 86400.0) -> None:
+        """Forget silences expired more than ``keep_expired`` seconds ago."""
+        for silence_id, silence in list(self.silences.items()):
+            if now - silence.ends_at > keep_expired:
+                del self.silences[silence_id]
+                self.changed = True
 
     def due(self, now: float) -> list[Notification]:
         """Notifications whose group has waited ``group_wait``; they leave the engine."""
@@ -248,9 +268,17 @@ class AlertEngine:
         ]
 
     def restore(
-        self, active: Iterable[ActiveAlert], silences: Iterable[Silence], groups: Iterable[Mapping[str, Any]]
+        self,
+        active: Iterable[ActiveAlert],
+        silences: Iterable[Silence],
+        groups: Iterable[Mapping[str, Any]],
+        now: float | None = None,
     ) -> None:
+        """The state saved before a restart. The time the daemon was down
+        counts as holding: a firing alert is judged again on fresh windows."""
         self.active = {alert.key: alert for alert in active}
+        for restored in self.active.values():
+            restored.last_true = max(restored.last_true, now or restored.last_true)
         self.silences = {silence.id: silence for silence in silences}
         for data in groups:
             group = _Group(data["state"], data["opened_at"])

@@ -210,11 +210,16 @@ def _control_call(what: str, action: Callable[[Daemon, str | None], actions.Acti
         daemon = request.app[DAEMON_KEY]
         query = _params(request, ("app",))
         app = _app_param(daemon, query)
-        result = action(daemon, app)
-        body = {"action": what, "app": app, **result.to_json()}
-        return _json(body, 200 if not result.failed or result.segments else 500)
+        return _control_answer(what, app, action(daemon, app))
 
     return handler
+
+
+def _control_answer(what: str, app: str | None, result: actions.ActionResult, **extra: Any) -> web.Response:
+    """200, or 500 when every segment it should have reached refused: a rollback
+    with ``curl -f`` must not report success when nothing changed."""
+    body = {"action": what, "app": app, **extra, **result.to_json()}
+    return _json(body, 500 if result.failed and not result.segments else 200)
 
 
 async def enable(request: web.Request) -> web.Response:
@@ -224,16 +229,14 @@ async def enable(request: web.Request) -> web.Response:
     blocked = daemon.feature_flag_off(app)
     if blocked:
         raise ApiError(409, blocked)
-    result = daemon.set_enabled(app, True)
-    return _json({"action": "enable", "app": app, "enabled": True, **result.to_json()})
+    return _control_answer("enable", app, daemon.set_enabled(app, True), enabled=True)
 
 
 async def disable(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
     query = _params(request, ("app",))
     app = _app_param(daemon, query)
-    result = daemon.set_enabled(app, False)
-    return _json({"action": "disable", "app": app, "enabled": False, **result.to_json()})
+    return _control_answer("disable", app, daemon.set_enabled(app, False), enabled=False)
 
 
 async def retention_policy(request: web.Request) -> web.Response:
@@ -334,7 +337,7 @@ def make_app(daemon: Daemon, api_key: str | None) -> web.Application:
     app.router.add_get(f"{np}/production-metrics", production_metrics)
     app.router.add_post(
         f"{np}/reset-errors",
-        _control_call("reset-errors", lambda d, a: d.apply(a, SegmentControl.reset_errors, "reset errors")),
+        _control_call("reset-errors", lambda d, a: d.reset_errors(a)),
     )
     app.router.add_get(f"{np}/alerts", alerts)
     app.router.add_get(f"{np}/silences", list_silences)

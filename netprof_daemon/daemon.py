@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from netprof_core import ConfigError, SegmentControl, SegmentError
+from netprof_core import ConfigError, SegmentControl, SegmentError, read_segment
 
 from . import actions
 from .actions import ActionResult, ControlMemory
@@ -77,7 +77,7 @@ class Daemon:
     async def startup(self) -> None:
         self.store.lock()
         self._state = AlertStateStore(self.config.daemon.state_dir)
-        self.alerting = Alerting(self.config, self.manager, self._state)
+        self.alerting = Alerting(self.config, self.manager, self._state, self.memory)
         self._dispatching = asyncio.create_task(self.alerting.dispatcher.run(self._stop))
         self.tick()
         self._runner = web.AppRunner(make_app(self, self.api_key), handle_signals=False, access_log=None)
@@ -108,7 +108,10 @@ class Daemon:
                 break
             if self._reload_wanted:
                 self._reload_wanted = False
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # noqa: BLE001  (a failed reload keeps the running config, never the daemon down)
+                    daemon_logger.exception("reload failed; keeping the running config")
             self.tick()
             if watchdog is not None and time.monotonic() - self._last_watchdog >= watchdog:
                 notify("WATCHDOG=1", self._status())
@@ -222,6 +225,10 @@ class Daemon:
         result = self.apply(app, action, "enable" if on else "disable")
         self._refresh_now()
         return result
+
+    def reset_errors(self, app: str | None) -> ActionResult:
+        self.memory.lift_auto_disable(app)
+        return self.apply(app, SegmentControl.reset_errors, "reset errors")
 
     def set_retention(self, app: str | None, seconds: float) -> ActionResult:
         if app is None:
@@ -407,7 +414,8 @@ class Daemon:
         found: list[tuple[int, dict[str, Any]]] = []
         for entry in list(self.store.live(app)):
             try:
-                snapshot = await asyncio.to_thread(entry.reader.snapshot, records=True)
+                # A reader of its own: the tick may close the entry's meanwhile.
+                snapshot = await asyncio.to_thread(read_segment, entry.path)
             except (SegmentError, OSError, ValueError):
                 continue
             recent = [r for r in snapshot.records if r.wall_ns >= since]

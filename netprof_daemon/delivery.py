@@ -46,7 +46,8 @@ class Dispatcher:
         while not stop.is_set():
             for item in self.store.due(time.time()):
                 key = (item.notification.id, item.plugin)
-                if key not in self._inflight:
+                # One delivery at a time per plugin, so that it gets them in order.
+                if not any(plugin == item.plugin for _, plugin in self._inflight):
                     self._inflight[key] = asyncio.create_task(self._deliver(item, key))
             self._wake.clear()
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
@@ -74,6 +75,7 @@ class Dispatcher:
             )
         finally:
             self._inflight.pop(key, None)
+            self.wake()  # the plugin's next notification may go now
 
     def _failed(self, item: OutboxItem, reason: str) -> None:
         attempts = item.attempts + 1

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from netprof_core import RequestRecord, SegmentError
+from netprof_core import RequestRecord, SegmentError, read_segment
 
 from .log import api_logger
 from .summary import record_json
@@ -173,8 +173,9 @@ async def stream_export(
         if left is not None and left <= 0:
             break
         try:
-            # A snapshot with records builds an object per record: off the loop.
-            snapshot = await asyncio.to_thread(entry.reader.snapshot, records=True)
+            # A reader of its own, off the loop (an object per record); the
+            # tick may close the entry's own reader meanwhile.
+            snapshot = await asyncio.to_thread(read_segment, entry.path)
         except (SegmentError, OSError, ValueError) as exc:
             api_logger.warning("export: skipping %s: %s", entry.path, exc)
             continue

@@ -138,6 +138,10 @@ class NotifierManager:
                 message = str(error)
                 sep = "." if _NAMES_A_KEY.match(message) else ": "
                 problems.append(f"notifiers.{name}{sep}{message}")
+            except Exception as error:  # noqa: BLE001  (a plugin's bug refuses its table, nothing more)
+                problems.append(
+                    f"notifiers.{name}: the plugin failed to read its table: {type(error).__name__}: {error}"
+                )
         if problems:
             raise ConfigError(problems)
         self._tables = notifiers

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     notification_id TEXT NOT NULL,
     plugin TEXT NOT NULL,
     notification TEXT NOT NULL,
+    created_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
     last_error TEXT,
@@ -64,6 +66,7 @@ class AlertStateStore:
             (ActiveAlert.from_json(a) for a in saved.get("active", [])),
             (Silence.from_json(s) for s in saved.get("silences", [])),
             saved.get("groups", []),
+            now=time.time(),
         )
         engine.history = saved.get("history", [])
 
@@ -99,17 +102,25 @@ class AlertStateStore:
             for notification in notifications:
                 payload = json.dumps(notification.to_json())
                 db.executemany(
-                    "INSERT OR IGNORE INTO outbox (notification_id, plugin, notification, next_attempt) VALUES (?, ?, ?, ?)",
-                    [(notification.id, plugin, payload, notification.created_at) for plugin in plugins],
+                    "INSERT OR IGNORE INTO outbox (notification_id, plugin, notification, created_at, next_attempt) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (notification.id, plugin, payload, notification.created_at, notification.created_at)
+                        for plugin in plugins
+                    ],
                 )
         engine.changed = False
 
     # -- the outbox ----------------------------------------------------------------------
 
     def due(self, now: float, limit: int = 100) -> list[OutboxItem]:
+        """Each plugin's oldest undelivered notification, when its next attempt
+        is due: a plugin takes its notifications in order (a retried "firing"
+        never lands after its "resolved")."""
         cursor = self._db.execute(
-            "SELECT notification, plugin, attempts, next_attempt, last_error FROM outbox "
-            "WHERE next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+            "SELECT notification, plugin, attempts, next_attempt, last_error FROM outbox AS o "
+            "WHERE created_at = (SELECT MIN(created_at) FROM outbox WHERE plugin = o.plugin) "
+            "AND next_attempt <= ? ORDER BY created_at LIMIT ?",
             (now, limit),
         )
         return [

@@ -74,6 +74,7 @@ class SegmentStore:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.entries: dict[str, ProcessEntry] = {}
         self.retired: dict[str, Totals] = {}  # ended processes, per app
+        self.folded: set[str] = set()  # segments in ``retired`` whose files are still there
         self.live_totals: dict[str, Totals] = {}  # running sums of the live processes' snapshots
         self._counted: set[str] = set()  # paths whose snapshot is in live_totals
         self._apps: dict[str, AppState] | None = None  # apps() as of the last change
@@ -120,7 +121,9 @@ class SegmentStore:
                 # Removed behind our back: the last snapshot is all there is.
                 store_logger.warning("segment %s vanished; keeping its last counts", path)
                 self._retire(self.entries.pop(path), None)
-        for path in sorted(present - self.entries.keys()):
+        # A folded segment that could not be removed stays folded: never counted twice.
+        self.folded &= present
+        for path in sorted(present - self.entries.keys() - self.folded):
             self._discover(path)
         for path, entry in list(self.entries.items()):
             self._update(path, entry)
@@ -219,6 +222,7 @@ class SegmentStore:
             live.subtract_snapshot(entry.snapshot)  # what was counted for it while it lived
         self._counted.discard(entry.path)
         self.retired.setdefault(entry.app, Totals()).add_snapshot(snapshot)
+        self.folded.add(entry.path)
         self._apps = None
         entry.reader.close()
         self._save_retired()
@@ -283,6 +287,7 @@ class SegmentStore:
             data = json.loads(path.read_text(encoding="utf-8"))
             self.retired = {app: Totals.from_json(totals) for app, totals in data["apps"].items()}
             self.first_seen_ns = {app: int(ns) for app, ns in data.get("first_seen_ns", {}).items()}
+            self.folded = set(data.get("folded", []))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             store_logger.error("ignoring unreadable %s: %s", path, exc)
 
@@ -293,6 +298,7 @@ class SegmentStore:
         data = {
             "apps": {app: totals.to_json() for app, totals in self.retired.items()},
             "first_seen_ns": self.first_seen_ns,
+            "folded": sorted(self.folded),
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

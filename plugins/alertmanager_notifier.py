@@ -51,7 +51,13 @@ async def netprof_notify(notification: Notification) -> None:
         async with session.post(_url, json=payload) as response:
             if response.status // 100 != 2:
                 text = (await response.text())[:200]
-                raise RuntimeError(f"Alertmanager answered {response.status} at {_url}: {text}")
+                raise RuntimeError(f"Alertmanager answered {response.status} at {_redacted(_url)}: {text}")
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its user info: a password there must not reach the logs or the API."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def postable_alert(alert: Alert, notification: Notification) -> dict[str, Any]:

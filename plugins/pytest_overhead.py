@@ -182,12 +182,16 @@ class NetProfOverhead:
 
     def _bound(self, explicit: float | None) -> float | None:
         if self._used:
-            pytest.fail("netprof_overhead checks one app per test: parametrise the test for more", pytrace=False)
+            pytest.fail(
+                "netprof_overhead checks one app per test: parametrise the test for more", pytrace=False
+            )
         self._used = True
         if explicit is None:
             return self._default_bound
         if not _valid_bound(explicit):
-            raise ValueError(f"max_overhead_us={explicit!r}: expected a number of microseconds >= 0, e.g. 5.0")
+            raise ValueError(
+                f"max_overhead_us={explicit!r}: expected a number of microseconds >= 0, e.g. 5.0"
+            )
         return float(explicit)
 
     def _measure(
@@ -265,7 +269,12 @@ class NetProfOverhead:
 
 
 def _valid_bound(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def _configured_bound(config: pytest.Config) -> float | None:
@@ -435,7 +444,9 @@ class _ASGIRequest:
             "raw_path": path.encode(),
             "root_path": "",
             "query_string": query.encode(),
-            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in _headers(headers, body)],
+            "headers": [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in _headers(headers, body)
+            ],
             "client": ("127.0.0.1", 54321),
             "server": ("127.0.0.1", 8000),
             "state": {},
@@ -454,7 +465,9 @@ class _ASGIRequest:
         return exchange.status if exchange.complete else None
 
 
-def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+def _start_response(
+    status: str, headers: list[tuple[str, str]], exc_info: Any = None
+) -> Callable[[bytes], None]:
     return _write
 
 

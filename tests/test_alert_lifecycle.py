@@ -139,3 +139,30 @@ def test_notifications_survive_their_json_form() -> None:
 def test_rule_operators(op: str, value: float, holds: bool) -> None:
     rule = Rule("R", "request_rate", op, 10.0)
     assert sample(rule, value).holds is holds
+
+
+def test_no_verdict_keeps_a_firing_alert_until_its_window_has_passed() -> None:
+    rule = Rule("Errs", "error_rate_percent", ">", 10.0, window=60.0)
+    engine = AlertEngine(group_wait=0.0, repeat_interval=3600.0)
+    sent = run(engine, [(0.0, [sample(rule, 50.0)]), (30.0, [sample(rule, None)]), (59.0, [sample(rule, None)])], [rule])
+    assert [n.state for n in sent] == ["firing"]  # too few requests is no reason to resolve
+    assert [n.state for n in run(engine, [(61.0, [sample(rule, None)])], [rule])] == ["resolved"]
+
+
+def test_a_restart_judges_a_firing_alert_again_on_fresh_windows() -> None:
+    rule = Rule("Errs", "error_rate_percent", ">", 10.0, window=60.0)
+    engine = AlertEngine(group_wait=0.0, repeat_interval=3600.0)
+    run(engine, [(0.0, [sample(rule, 50.0)])], [rule])
+    restarted = AlertEngine(group_wait=0.0, repeat_interval=3600.0)
+    restarted.restore(engine.active.values(), [], [], now=600.0)  # down for ten minutes
+    # Right after the restart the windows are empty: no verdict, and no false "resolved".
+    assert run(restarted, [(601.0, [sample(rule, None)]), (650.0, [sample(rule, None)])], [rule]) == []
+    assert [n.state for n in run(restarted, [(655.0, [sample(rule, 2.0)])], [rule])] == ["resolved"]
+
+
+def test_notifications_that_could_not_be_saved_are_handed_out_again() -> None:
+    engine = AlertEngine(group_wait=0.0, repeat_interval=3600.0)
+    (fired,) = run(engine, [(0.0, [sample(SLOW, 9.0)])], [SLOW])
+    engine.requeue([fired])
+    (again,) = engine.due(1.0)
+    assert again.alerts == fired.alerts
