@@ -338,21 +338,15 @@ class SegmentReader:
             timeout, self.layout.route_block(route_count) * L.WORD
         )
         words = memoryview(stats).cast("Q")
-        header = self.header
-        closed_ns = self._word(L.CLOSED_NS_OFFSET)
-        if closed_ns != header.closed_ns:
-            header = replace(header, closed_ns=closed_ns)
+        header = self._header()
+        closed_ns = header.closed_ns
         if alive is None and source == "live" and not closed_ns:
             alive = process_alive(header.pid, header.start_ticks)
         if source == "live" and (closed_ns or not alive):
             # Closing at exit is best effort (a process killed by a signal
             # skips it): a writer that is gone is gone either way.
             source = "final"
-        control_words = read_control_words(buf)
-        if self._control_seen is None or control_words != self._control_seen[0]:
-            # Most snapshots see the settings the last one saw.
-            self._control_seen = (control_words, ControlState.from_words(control_words))
-        control = self._control_seen[1]
+        control_words, control = self._control_state()
         keys = self._route_keys(route_count)
         built = (
             tuple(_route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys))
@@ -419,30 +413,38 @@ class SegmentReader:
                     blocks.append(memoryview(self._read(offset, block_bytes)).cast("Q"))
             if self._word(live) != seq:
                 continue  # written meanwhile: the reads may not agree
-            control_words = read_control_words(buf)
-            if self._control_seen is None or control_words != self._control_seen[0]:
-                self._control_seen = (control_words, ControlState.from_words(control_words))
-            closed_ns = self._word(L.CLOSED_NS_OFFSET)
-            header = (
-                self.header
-                if closed_ns == self.header.closed_ns
-                else replace(self.header, closed_ns=closed_ns)
-            )
+            control_words, control = self._control_state()
+            header = self._header()
             return SegmentSnapshot(
                 self.path,
                 header,
-                self._control_seen[1],
+                control,
                 _counters(globals_, overflowed, control_words, overhead),
                 (),
                 (),
                 time.time_ns(),
-                "final" if closed_ns else "live",
+                "final" if header.closed_ns else "live",
                 True,
                 tuple(blocks),
                 self._route_keys(route_count),
                 control_words,
             )
         return self.snapshot(records=False, routes=False, alive=True)
+
+    def _control_state(self) -> tuple[tuple[int, ...], ControlState]:
+        """The control block's words and state; most snapshots see the
+        settings the last one saw, and share its state."""
+        words = read_control_words(self._buf)
+        if self._control_seen is None or words != self._control_seen[0]:
+            self._control_seen = (words, ControlState.from_words(words))
+        return self._control_seen
+
+    def _header(self) -> SegmentHeader:
+        """The header, with the time the writer closed the segment (0: open)."""
+        closed_ns = self._word(L.CLOSED_NS_OFFSET)
+        return (
+            self.header if closed_ns == self.header.closed_ns else replace(self.header, closed_ns=closed_ns)
+        )
 
     def _route_keys(self, route_count: int) -> tuple[RouteKey, ...]:
         """The names of the first ``route_count`` routes. An entry never changes
