@@ -8,6 +8,7 @@ its own sequence word.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -266,7 +267,11 @@ class SegmentReader:
             self._control = None
         # Bulk reads (statistics, ring) go through pread: the pages stay in the
         # page cache without being mapped into this process, so a daemon
-        # reading many segments does not carry them all in its RSS.
+        # reading many segments does not carry them all in its RSS. The few
+        # words read through the mapping should not map their neighbours too
+        # (the kernel's fault-around).
+        with contextlib.suppress(AttributeError, OSError):  # madvise: Python 3.8+, Unix
+            self._buf.madvise(mmap.MADV_RANDOM)
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -358,8 +363,12 @@ class SegmentReader:
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(words[L.G_NEXT_INDEX], control, keys, now) if records else ()
         size = L.ROUTE_BLOCK_WORDS
+        # Each block a copy of its own: a later refresh() keeps the unchanged
+        # ones, which must not keep this whole copy alive.
+        base, block_bytes = L.ROUTES_START * L.WORD, size * L.WORD
         blocks = tuple(
-            words[L.ROUTES_START + i * size : L.ROUTES_START + (i + 1) * size] for i in range(route_count)
+            memoryview(stats[base + i * block_bytes : base + (i + 1) * block_bytes]).cast("Q")
+            for i in range(route_count)
         )
         return SegmentSnapshot(
             self.path,

@@ -11,20 +11,17 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import apprise
 
 from netprof_daemon import hookimpl
 from netprof_daemon.notification import Notification
 
 notify_logger = logging.getLogger("netprofd.notify")
 
-_apprise: apprise.Apprise | None = None
+# apprise is imported when the plugin is configured, not when the daemon loads
+# its entry points: it costs megabytes a daemon without apprise URLs need not carry.
+_apprise: Any = None
 _redacted_urls: list[str] = []
-_TYPES = {
-    "info": apprise.NotifyType.INFO,
-    "warning": apprise.NotifyType.WARNING,
-    "critical": apprise.NotifyType.FAILURE,
-}
+_TYPES = {"info": "INFO", "warning": "WARNING", "critical": "FAILURE"}  # apprise.NotifyType members
 
 
 @hookimpl
@@ -35,6 +32,8 @@ def netprof_describe() -> str:
 @hookimpl
 def netprof_configure(table: Mapping[str, Any]) -> None:
     global _apprise, _redacted_urls
+    import apprise
+
     unknown = sorted(set(table) - {"urls"})
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown key (known: urls)")
@@ -61,10 +60,12 @@ def netprof_configure(table: Mapping[str, Any]) -> None:
 async def netprof_notify(notification: Notification) -> None:
     if _apprise is None:
         raise RuntimeError("apprise is not configured")
+    import apprise
+
     if notification.state == "resolved":
         notify_type = apprise.NotifyType.SUCCESS
     else:
-        notify_type = _TYPES.get(notification.severity, apprise.NotifyType.INFO)
+        notify_type = apprise.NotifyType[_TYPES.get(notification.severity, "INFO")]
     delivered = await _apprise.async_notify(
         title=notification.title,
         body=notification.body,
