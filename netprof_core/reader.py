@@ -8,7 +8,6 @@ its own sequence word.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -267,11 +266,9 @@ class SegmentReader:
             self._control = None
         # Bulk reads (statistics, ring) go through pread: the pages stay in the
         # page cache without being mapped into this process, so a daemon
-        # reading many segments does not carry them all in its RSS. The few
-        # words read through the mapping should not map their neighbours too
-        # (the kernel's fault-around).
-        with contextlib.suppress(AttributeError, OSError):  # madvise: Python 3.8+, Unix
-            self._buf.madvise(mmap.MADV_RANDOM)
+        # reading many segments does not carry them all in its RSS (the words
+        # read through the mapping still map the 64 KiB around them: the
+        # kernel's fault-around).
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:

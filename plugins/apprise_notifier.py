@@ -11,7 +11,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-
 from netprof_daemon import hookimpl
 from netprof_daemon.notification import Notification
 
