@@ -82,7 +82,7 @@ class WindowHistory:
                 else:
                     packed = zlib.compress(route.histogram.counts.tobytes(), 1)
                     marks[key] = _RouteMark(route.count, replace(route, histogram=_EMPTY), packed)
-        counters = {name: state.counters.copy() for name, state in apps.items()}
+        counters = {name: _scalars(state.counters) for name, state in apps.items()}
         checkpoint = _Checkpoint(taken_ns, counters, routes)
         self._fine.append(checkpoint)
         # Move checkpoints past the fine horizon to the coarse list, one per spacing.
@@ -153,18 +153,20 @@ def _route_delta(now: RouteStats, old: _RouteMark | None, histograms: bool = Tru
     )
 
 
+def _scalars(counters: CounterTotals) -> CounterTotals:
+    """The counters without the overhead histogram: a window needs the counts
+    (its mean overhead), and a histogram per checkpoint would cost 17 KB each."""
+    kept = counters.copy()
+    kept.overhead_histogram = _EMPTY
+    return kept
+
+
 def _counters_delta(now: CounterTotals, then: CounterTotals | None) -> CounterTotals:
+    """The window's counts; its overhead histogram is left empty (see _scalars)."""
+    delta = _scalars(now)
     if then is None:
-        return now.copy()
-    delta = CounterTotals()
+        return delta
     for f in fields(CounterTotals):
-        if f.name == "overhead_max_ns":
-            delta.overhead_max_ns = now.overhead_max_ns  # an upper bound for the window
-        elif f.name == "overhead_histogram":
-            try:
-                delta.overhead_histogram = now.overhead_histogram - then.overhead_histogram
-            except ValueError:
-                delta.overhead_histogram = now.overhead_histogram.__add__(Histogram())
-        else:
+        if f.name not in ("overhead_max_ns", "overhead_histogram"):  # the max: an upper bound for the window
             setattr(delta, f.name, max(0, getattr(now, f.name) - getattr(then, f.name)))
     return delta
