@@ -17,7 +17,7 @@ from .config import DaemonConfig
 from .delivery import Dispatcher
 from .log import alert_logger
 from .plugins import NotifierManager
-from .rules import Rule, Sample, evaluate
+from .rules import Rule, evaluate
 from .state import AlertStateStore
 from .store import AppState, SegmentStore
 from .windows import Window, WindowHistory
@@ -52,7 +52,6 @@ class Alerting:
         # state, as /metrics must never show it going down), and recent times.
         self.auto_disables: Counter[str] = Counter(state.load_extra().get("auto_disables", {}))
         self._auto_disable_times: list[tuple[float, str]] = []
-        self.last_samples: list[Sample] = []
 
     def reconfigure(self, config: DaemonConfig) -> None:
         self.rules = config.all_rules()
@@ -78,7 +77,6 @@ class Alerting:
             return sum(1 for at, which in self._auto_disable_times if which == app and now - at <= seconds)
 
         samples = [s for rule in self.rules for s in evaluate(rule, apps, window_of, made_since)]
-        self.last_samples = samples
         self.engine.observe(samples, self.rules, now)
         for alert in self.engine.newly_firing:
             alert_logger.warning("firing: %s", alert.summary)

@@ -76,7 +76,6 @@ class SegmentStore:
         self.retired: dict[str, Totals] = {}  # ended processes, per app
         self.folded: set[str] = set()  # segments in ``retired`` whose files are still there
         self.live_totals: dict[str, Totals] = {}  # running sums of the live processes' snapshots
-        self._counted: set[str] = set()  # paths whose snapshot is in live_totals
         self._apps: dict[str, AppState] | None = None  # apps() as of the last change
         self.first_seen_ns: dict[str, int] = {}
         self._refused: dict[str, tuple[int, int]] = {}  # path -> (size, mtime) when it was refused
@@ -164,11 +163,10 @@ class SegmentStore:
         created = snapshot.header.created_ns
         self.first_seen_ns[entry.app] = created if first is None else min(first, created)
         if snapshot.source == "final":
-            self._retire(entry, snapshot)
+            self._retire(entry, snapshot, counted=False)
         else:
             self.entries[path] = entry
             self.live_totals.setdefault(entry.app, Totals()).add_snapshot(snapshot)
-            self._counted.add(path)
             self._apps = None
             if self.on_discover is not None:
                 self.on_discover(entry)
@@ -214,13 +212,12 @@ class SegmentStore:
             del self.entries[path]
             self._retire(entry, snapshot)
 
-    def _retire(self, entry: ProcessEntry, final: SegmentSnapshot | None) -> None:
-        """Fold an ended process into its app's retired totals, then remove its segment."""
+    def _retire(self, entry: ProcessEntry, final: SegmentSnapshot | None, *, counted: bool = True) -> None:
+        """Fold an ended process into its app's retired totals, then remove its
+        segment. ``counted``: it was live, so its last snapshot is in ``live_totals``."""
         snapshot = final or entry.snapshot
-        live = self.live_totals.get(entry.app)
-        if live is not None and entry.path in self._counted:
-            live.subtract_snapshot(entry.snapshot)  # what was counted for it while it lived
-        self._counted.discard(entry.path)
+        if counted:
+            self.live_totals[entry.app].subtract_snapshot(entry.snapshot)
         self.retired.setdefault(entry.app, Totals()).add_snapshot(snapshot)
         self.folded.add(entry.path)
         self._apps = None

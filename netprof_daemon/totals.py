@@ -133,11 +133,6 @@ class Totals:
             else:
                 mine.add(route)
 
-    def copy(self) -> Totals:
-        twin = Totals()
-        twin.add(self)
-        return twin
-
     def route_stats(self) -> dict[RouteKey, RouteStats]:
         """Each route's statistics; the overflow route only once it was used."""
         return {
