@@ -19,7 +19,7 @@ else:
 
     print("*" * 60, "netprof: building the accelerated (Cython) core", "*" * 60, sep="\n", file=sys.stderr)
     # Compiler directives are in the .pyx header.
-    compiled_twins = ["_outbound_c", "_wsgi_c"]
+    compiled_twins = ["_asgi_c", "_outbound_c", "_wsgi_c"]
     ext_modules = cythonize(
         [Extension("netprof_core._recorder_c", ["netprof_core/_recorder_c.pyx"])]
         + [Extension(f"netprof_core.{name}", [f"netprof_core/{name}.py"]) for name in compiled_twins]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from . import _outbound_py, _wsgi_py
+from . import _asgi_py, _outbound_py, _wsgi_py
 from ._recorder import NO_EXTENSIONS
 
-_PURE: dict[str, ModuleType] = {"outbound": _outbound_py, "wsgi": _wsgi_py}
+_PURE: dict[str, ModuleType] = {"asgi": _asgi_py, "outbound": _outbound_py, "wsgi": _wsgi_py}
 
 
 def _compiled(name: str) -> ModuleType | None:
@@ -29,7 +29,7 @@ _COMPILED: dict[str, ModuleType | None] = {name: _compiled(name) for name in _PU
 
 
 def hook_path(name: str, implementation: str) -> ModuleType:
-    """The per-request code of hook ``name`` ("outbound", "wsgi") for a
+    """The per-request code of hook ``name`` ("asgi", "outbound", "wsgi") for a
     recorder of ``implementation`` ("cython" or "python")."""
     compiled = _COMPILED[name] if implementation == "cython" else None
     return compiled if compiled is not None else _PURE[name]

@@ -16,8 +16,16 @@ from netprof_core.wsgi import NetProfMiddleware as WSGIMiddleware
 
 def call_wsgi(app: Any, method: str = "GET", path: str = "/x", **environ: str) -> tuple[str, Any]:
     seen: list[str] = []
-    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "t", "SERVER_PORT": "80",
-           "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1", "QUERY_STRING": "", **environ}
+    env = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "SERVER_NAME": "t",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "QUERY_STRING": "",
+        **environ,
+    }
     body = app(env, lambda status, headers, exc_info=None: seen.append(status))
     b"".join(body)
     getattr(body, "close", lambda: None)()
@@ -125,10 +133,106 @@ def test_routes_under_a_starlette_mount_keep_the_mount_prefix(make_recorder) -> 
             pass
 
         for root, path in [("", "/v1/items/1"), ("", "/v2/items/2"), ("/api", "/api/v1/items/3")]:
-            scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "root_path": root,
-                     "query_string": b"", "headers": [], "scheme": "http", "server": ("t", 80)}
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": path,
+                "raw_path": path.encode(),
+                "root_path": root,
+                "query_string": b"",
+                "headers": [],
+                "scheme": "http",
+                "server": ("t", 80),
+            }
             await wrapped(scope, receive, send)
 
     asyncio.run(main())
     routes = {r.key.template: r.count for r in recorder.snapshot().routes if r.count}
     assert routes == {"/v1/items/{item_id}": 2, "/v2/items/{item_id}": 1}
+
+
+def run_asgi(app: Any, send: Any = None, path: str = "/x") -> None:
+    """One GET through ``app``, as a server would call it."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def quiet_send(message: Any) -> None:
+        pass
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "scheme": "http",
+        "server": ("t", 80),
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+    }
+    asyncio.run(app(scope, receive, send or quiet_send))
+
+
+def test_servers_see_an_asgi3_application(make_recorder) -> None:
+    import inspect
+
+    from uvicorn.config import Config
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - never called
+        pass
+
+    wrapped = ASGIMiddleware(app, recorder=make_recorder())
+    # uvicorn and hypercorn tell ASGI 3 from ASGI 2 by these; as ASGI 2 the app would break.
+    assert asyncio.iscoroutinefunction(wrapped.__call__) and inspect.iscoroutinefunction(wrapped.__call__)
+    config = Config(wrapped)
+    config.load()
+    assert config.interface == "asgi3"
+
+
+def test_a_background_task_is_not_the_clients_wait(make_recorder) -> None:
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    ran: list[bool] = []
+
+    async def send_the_newsletter() -> None:
+        await asyncio.sleep(0.3)
+        ran.append(True)
+
+    async def subscribe(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("subscribed", background=BackgroundTask(send_the_newsletter))
+
+    recorder = make_recorder()
+    run_asgi(
+        ASGIMiddleware(Starlette(routes=[Route("/subscribe", subscribe)]), recorder=recorder),
+        path="/subscribe",
+    )
+    (record,) = recorder.snapshot().records
+    assert ran == [True]
+    assert (record.route.template, record.status, record.bytes_out) == ("/subscribe", 200, len("subscribed"))
+    # The response went out before the task's 0.3 s: the request ended there.
+    assert record.duration_ns < 250_000_000
+    assert 0 < record.ttfb_ns <= record.duration_ns
+
+
+@pytest.mark.parametrize(
+    "gone", [ConnectionResetError, BrokenPipeError, type("ClientDisconnected", (OSError,), {})]
+)
+def test_a_send_that_fails_because_the_client_left_is_a_disconnect(make_recorder, gone: type) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            raise gone("the client went away")
+
+    recorder = make_recorder()
+    with pytest.raises(gone):
+        run_asgi(ASGIMiddleware(app, recorder=recorder), send)
+    (record,) = recorder.snapshot().records
+    assert (record.status, record.error_kind) == (200, ErrorKind.CLIENT_DISCONNECT)

@@ -1,0 +1,51 @@
+# C types for _asgi_c, which Cython compiles from _asgi_py.py.
+cimport cython
+from libc.stdint cimport int64_t
+
+
+cdef class Exchange
+
+
+cdef int _NONE
+cdef int _EXCEPTION
+cdef int _CLIENT_DISCONNECT
+cdef frozenset _DISCONNECT_NAMES
+cdef object monotonic_ns
+cdef object UNMATCHED_ROUTE
+
+
+cdef str route_template(dict scope, str root_path)
+cpdef bint is_disconnect(exc) except -1
+
+
+cdef class AsgiRequests:
+    cdef readonly object hook
+    cdef object app
+    cdef object excluded
+    cdef object route_key
+    cdef dict route_ids
+    cdef object record
+
+    @cython.locals(fields=dict, ttfb=int64_t)
+    cdef finish(self, scope, Exchange exchange)
+
+
+cdef AsgiRequests requests_of(middleware)
+@cython.locals(exchange=Exchange)
+cdef Exchange new_exchange(dict scope, receive, send)
+
+
+cdef class Exchange:
+    cdef object _send
+    cdef object _receive
+    cdef readonly object root_path
+    cdef readonly int64_t start
+    cdef readonly object status
+    cdef readonly int64_t bytes_in
+    cdef readonly int64_t bytes_out
+    cdef readonly int64_t first_byte
+    cdef public int64_t end
+    cdef public int error_kind
+
+    cdef note(self, dict message)
+    cdef failed(self, exc)

@@ -1,0 +1,1 @@
+_asgi_py.py

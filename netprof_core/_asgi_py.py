@@ -1,0 +1,188 @@
+# cython: language_level=3, embedsignature=True, annotation_typing=False
+"""The per-request work of the ASGI middleware (``netprof_core.asgi``).
+
+This one source runs twice: as it is, and compiled by Cython as ``_asgi_c``
+(``_asgi_c.py`` is a link to this file; ``_asgi_c.pxd`` gives it C types), as
+``_wsgi_py.py`` does. Keep it to what Cython compiles from plain Python.
+
+What makes it cheap: the ``send`` the application gets is no coroutine of
+ours but an :class:`Exchange`, whose ``__call__`` notes the message and
+returns the server's own awaitable. The application then awaits the server
+directly, and a request costs no coroutine of ours per message (an ``async def``
+wrapper around ``send`` cost a server as much again as the rest of the
+middleware).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from time import monotonic_ns
+from typing import Any
+
+from ._layout import ErrorKind
+from .hooks import UNMATCHED_ROUTE, InboundHook
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_NONE = int(ErrorKind.NONE)
+_EXCEPTION = int(ErrorKind.EXCEPTION)
+_CLIENT_DISCONNECT = int(ErrorKind.CLIENT_DISCONNECT)
+# What servers and frameworks raise when the client has gone: ASGI 2.4 has
+# ``send`` raise an OSError (uvicorn's and hypercorn's ClientDisconnected),
+# which Starlette turns into its ClientDisconnect. An app's own OSError, a
+# missing file say, stays an EXCEPTION.
+_DISCONNECT_NAMES = frozenset(("ClientDisconnect", "ClientDisconnected"))
+
+
+def route_template(scope: dict[str, Any], root_path: str) -> str:
+    """The template of the route the framework matched, else UNMATCHED_ROUTE.
+    Under a Starlette ``Mount``, the route's own template lacks the mount's
+    prefix: that is what the mounts added to ``root_path`` since ``root_path``."""
+    route = scope.get("route")
+    if route is not None:
+        template = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if isinstance(template, str):
+            mounted = scope.get("root_path", "")
+            return template if mounted == root_path else mounted[len(root_path) :] + template
+    return UNMATCHED_ROUTE
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether an exception out of the application means the client went away."""
+    return isinstance(exc, ConnectionError) or type(exc).__name__ in _DISCONNECT_NAMES
+
+
+class AsgiRequests:
+    """A middleware's settings, in the typed fields the compiled ``serve`` reads."""
+
+    def __init__(self, hook: InboundHook) -> None:
+        self.hook = hook
+        self.app = hook.app
+        self.excluded = hook.excluded
+        self.route_key = hook.route_key
+        self.route_ids = hook.route_ids
+        self.record = hook.record
+
+    def finish(self, scope: Scope, exchange: Exchange) -> None:
+        if not exchange.end:
+            exchange.end = monotonic_ns()
+        try:
+            fields = scope if type(scope) is dict else dict(scope)
+            template = self.route_key(scope) if self.route_key is not None else None
+            if not template:
+                template = route_template(fields, exchange.root_path)
+            method = fields["method"]
+            route = self.route_ids.get((template, method))
+            if route is None:
+                route = self.hook.intern(template, method)
+        except Exception as exc:
+            self.hook.recorder.internal_error(exc)
+            return
+        ttfb = exchange.first_byte - exchange.start if exchange.first_byte else 0
+        self.record(
+            route,
+            exchange.status,
+            exchange.start,
+            exchange.end,
+            exchange.bytes_in,
+            exchange.bytes_out,
+            exchange.error_kind,
+            ttfb,
+        )
+
+
+def requests_of(middleware: Any) -> AsgiRequests:
+    return middleware._requests  # type: ignore[no-any-return]
+
+
+async def serve(middleware: Any, scope: Scope, receive: Receive, send: Send) -> None:
+    """``NetProfMiddleware.__call__``: a coroutine function, as servers check."""
+    requests = requests_of(middleware)
+    if scope["type"] != "http" or (requests.excluded is not None and requests.excluded(scope["path"])):
+        await requests.app(scope, receive, send)
+        return
+    exchange = new_exchange(scope if type(scope) is dict else dict(scope), receive, send)
+    try:
+        await requests.app(scope, exchange.receive, exchange)
+    except BaseException as exc:
+        exchange.failed(exc)
+        raise
+    finally:
+        requests.finish(scope, exchange)
+
+
+def new_exchange(scope: dict[str, Any], receive: Receive, send: Send) -> Exchange:
+    """A request starts. (``__new__`` and the fields set here, not ``__init__``:
+    compiled, that is a plain C allocation without parsing arguments.)"""
+    exchange = Exchange.__new__(Exchange)
+    exchange._send = send
+    exchange._receive = receive
+    exchange.root_path = scope.get("root_path", "")
+    exchange.start = monotonic_ns()
+    exchange.status = 0
+    exchange.bytes_in = 0
+    exchange.bytes_out = 0
+    exchange.first_byte = 0
+    exchange.end = 0
+    exchange.error_kind = _NONE
+    return exchange
+
+
+class Exchange:
+    """One request in flight. It is the ``send`` the application gets:
+    calling it notes the message and hands back the server's awaitable.
+
+    The request ends with its last body message (a Starlette background task
+    that runs after it is not the client's wait), or when the application
+    returns or raises without one. Taken as the message is handed over, the
+    end leaves out the server's wait for the client to take the chunk before."""
+
+    _send: Send
+    _receive: Receive
+    root_path: str
+    start: int  # monotonic ns
+    status: int
+    bytes_in: int
+    bytes_out: int
+    first_byte: int  # monotonic ns of the first body message, 0 before
+    end: int  # monotonic ns of the last body message, 0 before
+    error_kind: int
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        self.note(message if type(message) is dict else dict(message))
+        return self._send(message)
+
+    def note(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            body = message.get("body")
+            if body:
+                self.bytes_out += len(body)
+            if message.get("more_body", False):
+                if not self.first_byte:
+                    self.first_byte = monotonic_ns()
+            else:
+                self.end = monotonic_ns()
+                if not self.first_byte:
+                    self.first_byte = self.end
+        elif kind == "http.response.start":
+            self.status = message["status"]
+
+    def failed(self, exc: BaseException) -> None:
+        """The application raised ``exc``."""
+        if self.error_kind == _NONE:
+            self.error_kind = _CLIENT_DISCONNECT if is_disconnect(exc) else _EXCEPTION
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "http.request":
+            body = message.get("body")
+            if body:
+                self.bytes_in += len(body)
+        elif kind == "http.disconnect" and not self.end:
+            self.error_kind = _CLIENT_DISCONNECT
+        return message
