@@ -10,8 +10,10 @@ is needed. (Python code runs only outside the updates: building the error of
 a bad call, and the slow-request callback.)
 """
 
-from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int64_t, uint64_t
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from cpython.long cimport PyLong_Check
@@ -373,3 +375,129 @@ def subtract_counts(uint64_t[::1] into not None, const uint64_t[::1] values not 
     for i in range(n):
         into[i] -= values[i]
     return True
+
+
+# -- packed words: the nonzero words of a route block or histogram ------------
+# A kept route block is mostly zero buckets: readers keep the nonzero words
+# only. Format (little-endian): u32 n, u32 0, the n values (u64), then their
+# n indexes (u16) within the packed range. The twins build identical bytes.
+
+cdef Py_ssize_t PACKED_MAX_WORDS = 65536
+
+
+def pack_words(source, Py_ssize_t start, Py_ssize_t count) -> bytes:
+    """The nonzero words of ``source[start:start + count]`` (``source``: any
+    buffer of u64 words, from word 0), packed."""
+    cdef Py_buffer view
+    cdef const uint64_t* w
+    cdef Py_ssize_t i, k, n = 0
+    cdef uint64_t* vals
+    cdef uint16_t* idx
+    cdef uint64_t v
+    cdef bytes out
+    cdef char* p
+    cdef uint32_t head[2]
+    if start < 0 or not 0 <= count <= PACKED_MAX_WORDS:
+        raise ValueError(f"cannot pack {count} words from word {start}")
+    PyObject_GetBuffer(source, &view, PyBUF_SIMPLE)
+    vals = NULL
+    try:
+        if (start + count) * 8 > view.len:
+            raise ValueError(f"cannot pack {count} words from word {start} of {view.len // 8}")
+        w = <const uint64_t*>(<const char*>view.buf + start * 8)
+        vals = <uint64_t*>PyMem_Malloc(count * 10 + 16)
+        if vals == NULL:
+            raise MemoryError()
+        idx = <uint16_t*>(vals + count + 1)
+        i = 0
+        while i < count:
+            # Zero runs (most of a histogram) four words at a time; within
+            # the others no branch on the data: a word is written, and kept
+            # if it is nonzero (the pattern is too irregular to predict).
+            if i + 4 <= count and not (w[i] | w[i + 1] | w[i + 2] | w[i + 3]):
+                i += 4
+                continue
+            k = i + 4 if i + 4 <= count else count
+            while i < k:
+                v = w[i]
+                vals[n] = v
+                idx[n] = <uint16_t>i
+                n += v != 0
+                i += 1
+        out = PyBytes_FromStringAndSize(NULL, 8 + 10 * n)
+        p = PyBytes_AS_STRING(out)
+        head[0] = <uint32_t>n
+        head[1] = 0
+        memcpy(p, head, 8)
+        memcpy(p + 8, vals, 8 * n)
+        memcpy(p + 8 + 8 * n, idx, 2 * n)
+        return out
+    finally:
+        PyMem_Free(vals)
+        PyBuffer_Release(&view)
+
+
+cdef Py_ssize_t _packed_count(const Py_buffer* packed, Py_ssize_t limit) except -1:
+    """The number of packed words, after checking the format and that every
+    index is below ``limit``."""
+    cdef uint32_t head[2]
+    cdef Py_ssize_t i, n
+    cdef const uint16_t* idx
+    if packed.len < 8:
+        raise ValueError("not packed words: shorter than the header")
+    memcpy(head, packed.buf, 8)
+    n = head[0]
+    if head[1] != 0 or packed.len != 8 + 10 * n:
+        raise ValueError(f"not packed words: {packed.len} bytes for {n} words")
+    idx = <const uint16_t*>(<const char*>packed.buf + 8 + 8 * n)
+    for i in range(n):
+        if idx[i] >= limit:
+            raise ValueError(f"packed word index {idx[i]} out of range for {limit} counts")
+    return n
+
+
+cdef int _apply_packed(into, packed, bint subtract) except -1:
+    """``into[i] += / -= value`` for each packed word; 0 when a subtraction
+    would go below zero (``into`` unchanged), else 1."""
+    cdef Py_buffer dst, src
+    cdef Py_ssize_t i, n
+    cdef uint64_t* w
+    cdef const uint16_t* idx
+    cdef const char* vals
+    cdef uint64_t v
+    PyObject_GetBuffer(into, &dst, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(packed, &src, PyBUF_SIMPLE)
+        try:
+            n = _packed_count(&src, dst.len // 8)
+            w = <uint64_t*>dst.buf
+            vals = <const char*>src.buf + 8
+            idx = <const uint16_t*>(vals + 8 * n)
+            if subtract:
+                for i in range(n):
+                    memcpy(&v, vals + 8 * i, 8)
+                    if w[idx[i]] < v:
+                        return 0
+                for i in range(n):
+                    memcpy(&v, vals + 8 * i, 8)
+                    w[idx[i]] -= v
+            else:
+                for i in range(n):
+                    memcpy(&v, vals + 8 * i, 8)
+                    w[idx[i]] += v
+            return 1
+        finally:
+            PyBuffer_Release(&src)
+    finally:
+        PyBuffer_Release(&dst)
+
+
+def add_packed(into, packed) -> None:
+    """``into[i] += v`` for each packed word (``into``: a writable u64 array)."""
+    _apply_packed(into, packed, False)
+
+
+def subtract_packed(into, packed) -> bool:
+    """``into[i] -= v`` for each packed word, if no count would go below zero;
+    else leaves ``into`` unchanged and returns False."""
+    return _apply_packed(into, packed, True) == 1

@@ -6,10 +6,12 @@ Both apply the same updates, in the same order, to the segment described in
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from array import array
 from collections.abc import Callable
+from itertools import compress
 from typing import Any
 
 from . import _layout as L
@@ -328,4 +330,60 @@ def subtract_counts(into: array[int], values: array[int] | memoryview) -> bool:
         return False
     rest = int.from_bytes(into.tobytes(), "little") - int.from_bytes(values.tobytes(), "little")
     into[:] = array("Q", rest.to_bytes(8 * len(into), "little"))
+    return True
+
+
+# -- packed words: the twins of _recorder_c's (same bytes, same errors) -------
+# Format (little-endian): u32 n, u32 0, the n nonzero values (u64), then
+# their n indexes (u16) within the packed range.
+
+PACKED_MAX_WORDS = 65536
+_PACKED_HEAD = struct.Struct("<II")
+
+
+def pack_words(source: object, start: int, count: int) -> bytes:
+    """The nonzero words of ``source[start:start + count]`` (``source``: any
+    buffer of u64 words, from word 0), packed."""
+    if start < 0 or not 0 <= count <= PACKED_MAX_WORDS:
+        raise ValueError(f"cannot pack {count} words from word {start}")
+    raw = memoryview(source).cast("B")  # type: ignore[arg-type]
+    if (start + count) * 8 > len(raw):
+        raise ValueError(f"cannot pack {count} words from word {start} of {len(raw) // 8}")
+    words = raw[start * 8 : (start + count) * 8].cast("Q").tolist()
+    idx = array("H", compress(range(count), words))  # C-speed loops: most words are zero
+    vals = array("Q", filter(None, words))
+    return _PACKED_HEAD.pack(len(idx), 0) + vals.tobytes() + idx.tobytes()
+
+
+def _unpack(packed: object, limit: int) -> tuple[array[int], array[int]]:
+    data = memoryview(packed).cast("B")  # type: ignore[arg-type]
+    if len(data) < 8:
+        raise ValueError("not packed words: shorter than the header")
+    n, zero = _PACKED_HEAD.unpack_from(data)
+    if zero != 0 or len(data) != 8 + 10 * n:
+        raise ValueError(f"not packed words: {len(data)} bytes for {n} words")
+    vals, idx = array("Q"), array("H")
+    vals.frombytes(data[8 : 8 + 8 * n])
+    idx.frombytes(data[8 + 8 * n :])
+    for i in idx:
+        if i >= limit:
+            raise ValueError(f"packed word index {i} out of range for {limit} counts")
+    return idx, vals
+
+
+def add_packed(into: array[int], packed: object) -> None:
+    """``into[i] += v`` for each packed word (``into``: a writable u64 array;
+    wraps at 2**64 as the C twin does)."""
+    for i, v in zip(*_unpack(packed, len(into))):
+        into[i] = (into[i] + v) & MASK64
+
+
+def subtract_packed(into: array[int], packed: object) -> bool:
+    """``into[i] -= v`` for each packed word, if no count would go below zero;
+    else leaves ``into`` unchanged and returns False."""
+    idx, vals = _unpack(packed, len(into))
+    if any(into[i] < v for i, v in zip(idx, vals)):
+        return False
+    for i, v in zip(idx, vals):
+        into[i] -= v
     return True

@@ -7,7 +7,10 @@ from array import array
 from collections.abc import Iterable, Iterator
 
 from ._layout import HIST_BUCKETS, bucket_bounds, bucket_index
-from ._recorder import add_counts, subtract_counts
+from ._recorder import add_counts, core_module, subtract_counts
+
+_core = core_module()
+add_packed, pack_words, subtract_packed = _core.add_packed, _core.pack_words, _core.subtract_packed
 
 __all__ = ("Histogram",)
 
@@ -21,13 +24,45 @@ class Histogram:
     when that is known (None: not known).
     """
 
-    __slots__ = ("counts", "max_ns")
+    __slots__ = ("_counts", "_packed", "max_ns")
 
     def __init__(self, counts: Iterable[int] | None = None, max_ns: int | None = None) -> None:
-        self.counts = array("Q", bytes(8 * HIST_BUCKETS) if counts is None else counts)
-        if len(self.counts) != HIST_BUCKETS:
-            raise ValueError(f"a histogram has {HIST_BUCKETS} buckets, got {len(self.counts)}")
+        self._counts: array[int] | None = array("Q", bytes(8 * HIST_BUCKETS) if counts is None else counts)
+        if len(self._counts) != HIST_BUCKETS:
+            raise ValueError(f"a histogram has {HIST_BUCKETS} buckets, got {len(self._counts)}")
+        self._packed: bytes | None = None
         self.max_ns = max_ns
+
+    @classmethod
+    def from_packed(cls, packed: bytes, max_ns: int | None = None) -> Histogram:
+        """From its nonzero buckets (``pack_words`` of the counts). Kept packed
+        (a few hundred bytes instead of 17 KB) until ``counts`` is asked for."""
+        hist = cls.__new__(cls)
+        hist._counts, hist._packed, hist.max_ns = None, packed, max_ns
+        return hist
+
+    @property
+    def counts(self) -> array[int]:
+        """The bucket counts (u64), unpacked on first use."""
+        if self._counts is None:
+            counts = array("Q", bytes(8 * HIST_BUCKETS))
+            add_packed(counts, self._packed)
+            self._counts, self._packed = counts, None
+        return self._counts
+
+    def add_to(self, counts: array[int]) -> None:
+        """``counts[i] += self.counts[i]``, without unpacking a packed histogram."""
+        if self._packed is not None:
+            add_packed(counts, self._packed)
+        else:
+            add_counts(counts, self.counts)
+
+    def subtract_from(self, counts: array[int]) -> bool:
+        """``counts[i] -= self.counts[i]`` if none goes below zero (else False,
+        ``counts`` unchanged), without unpacking a packed histogram."""
+        if self._packed is not None:
+            return subtract_packed(counts, self._packed)  # type: ignore[no-any-return]
+        return subtract_counts(counts, self.counts)  # type: ignore[no-any-return]
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, max_ns: int | None = None) -> Histogram:
@@ -62,7 +97,7 @@ class Histogram:
         return merged
 
     def __iadd__(self, other: Histogram) -> Histogram:
-        add_counts(self.counts, other.counts)
+        other.add_to(self.counts)
         self.max_ns = None if self.max_ns is None or other.max_ns is None else max(self.max_ns, other.max_ns)
         return self
 
@@ -71,7 +106,7 @@ class Histogram:
         cumulative histogram). The maximum of the interval is not known; the
         later one is kept as an upper bound."""
         diff = Histogram(self.counts, self.max_ns)
-        if not subtract_counts(diff.counts, earlier.counts):
+        if not earlier.subtract_from(diff.counts):
             raise ValueError("cannot subtract a histogram that is not an earlier state")
         return diff
 

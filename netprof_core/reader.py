@@ -11,20 +11,25 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat as stat_
+import struct
+import threading
 import time
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from . import _layout as L
-from ._recorder import add_counts, subtract_counts
+from ._recorder import add_counts
 from .control import ControlState, SegmentControl, read_control_words
-from .histogram import Histogram
+from .histogram import Histogram, add_packed, pack_words, subtract_packed
 from .log import segment_logger
-from .segment import SegmentError, SegmentHeader, map_segment, process_alive, segment_paths
+from .segment import SegmentError, SegmentHeader, parse_header, process_alive, segment_paths
 
 __all__ = (
     "Counters",
+    "PackedBlock",
     "RequestRecord",
     "RouteKey",
     "RouteStats",
@@ -37,9 +42,40 @@ __all__ = (
     "read_segments",
 )
 
+_T = TypeVar("_T")
 LIVE_ATTEMPTS = 3
 RING_CHUNK_SLOTS = 4096
 _ERROR_KINDS = tuple(L.ErrorKind)
+_CONTROL = struct.Struct(f"<{L.CONTROL_WORDS}Q")
+# What snapshot() and refresh() read before the statistics, in one pread:
+# closed_ns (header), the control block, the route table's count words.
+_META_START = L.CLOSED_NS_OFFSET
+_META_SIZE = L.ROUTES_OFFSET + L.ROUTE_TABLE_STRUCT.size - _META_START
+_META_STRUCT = struct.Struct(f"<Q{L.CONTROL_OFFSET - L.CLOSED_NS_OFFSET - L.WORD}x{L.CONTROL_WORDS}QQQ")
+_BLOCK_BYTES = L.ROUTE_BLOCK_WORDS * L.WORD
+# Shared across readers (bounded): route names and control states repeat
+# from one process of an application to the next.
+_CACHE_LIMIT = 1024
+_route_key_cache: dict[bytes, RouteKey] = {}
+_route_keys_cache: dict[bytes, tuple[RouteKey, ...]] = {}  # whole name tables
+_control_cache: dict[tuple[int, ...], ControlState] = {}
+_scratch = threading.local()
+
+
+def _cache_put(cache: dict[Any, Any], key: object, value: _T) -> _T:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()  # a bound, not an LRU: the working set is far smaller
+    cache[key] = value
+    return value
+
+
+def _scratch_view(size: int) -> memoryview:
+    """``size`` bytes of this thread's scratch buffer, which statistics are
+    read into and packed from: no fresh 100 KB per snapshot to fault in."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _scratch.buf = bytearray(max(size, 2 * _BLOCK_BYTES))  # replaced, never resized: views may live
+    return memoryview(buf)[:size]
 
 
 class SegmentBusy(SegmentError):
@@ -93,6 +129,32 @@ class RouteStats:
         )
 
 
+class PackedBlock:
+    """A route block (counters, then histogram buckets: see ``_layout``) as
+    one snapshot read it, kept packed: its nonzero words only, a few hundred
+    bytes where the block is 17 KB (most buckets of a route are empty)."""
+
+    __slots__ = ("count", "max_ns", "packed")
+
+    def __init__(self, count: int, max_ns: int, packed: bytes) -> None:
+        self.count = count
+        self.max_ns = max_ns
+        self.packed = packed
+
+    @classmethod
+    def read(cls, words: memoryview, start: int) -> PackedBlock:
+        """The block at word ``start`` of ``words`` (u64 words)."""
+        return cls(
+            words[start + L.R_COUNT], words[start + L.R_MAX_NS], pack_words(words, start, L.ROUTE_BLOCK_WORDS)
+        )
+
+    def words(self) -> array[int]:
+        """The whole block, unpacked."""
+        words = array("Q", bytes(_BLOCK_BYTES))
+        add_packed(words, self.packed)
+        return words
+
+
 class RouteSums:
     """A route's statistics summed over processes, kept as one route block of
     the segment layout (counters, then histogram buckets) so that adding a
@@ -105,14 +167,15 @@ class RouteSums:
         self.words = array("Q", bytes(L.ROUTE_BLOCK_WORDS * L.WORD))
         self.max_ns = 0
 
-    def add_block(self, block: memoryview | array[int]) -> None:
-        """Add a route block (u64 words) read from a segment."""
-        add_counts(self.words, block)
-        self.max_ns = max(self.max_ns, block[L.R_MAX_NS])
+    def add_block(self, block: PackedBlock) -> None:
+        """Add a route block read from a segment."""
+        add_packed(self.words, block.packed)
+        if block.max_ns > self.max_ns:
+            self.max_ns = block.max_ns
 
-    def subtract_block(self, block: memoryview | array[int]) -> None:
+    def subtract_block(self, block: PackedBlock) -> None:
         """Take away a block added before (the maximum stays: the largest ever seen)."""
-        if not subtract_counts(self.words, block):
+        if not subtract_packed(self.words, block.packed):
             raise ValueError(f"{self.key}: subtracting a route block that was never added")
 
     def add(self, other: RouteSums) -> None:
@@ -197,9 +260,9 @@ class SegmentSnapshot:
     complete: bool = True
     # The statistics copy itself, and the names of its routes by id: what
     # :meth:`route_blocks` sums from when ``routes`` was not built. ``blocks``
-    # holds each route's block of u64 words; a snapshot taken by
+    # holds each route's block, packed; a snapshot taken by
     # :meth:`SegmentReader.refresh` shares its unchanged blocks with the last one.
-    blocks: tuple[memoryview, ...] = field(default=(), repr=False, compare=False)
+    blocks: tuple[PackedBlock, ...] = field(default=(), repr=False, compare=False)
     route_keys: tuple[RouteKey, ...] = field(default=(), repr=False, compare=False)
     control_words: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
@@ -209,21 +272,21 @@ class SegmentSnapshot:
 
     def changed_route_blocks(
         self, earlier: SegmentSnapshot
-    ) -> Iterator[tuple[RouteKey, memoryview | None, memoryview]]:
+    ) -> Iterator[tuple[RouteKey, PackedBlock | None, PackedBlock]]:
         """(key, block then or None, block now) of each route that recorded
         since ``earlier``, a snapshot of the same segment. A route's block
         changes only with its count, so unchanged routes cost one comparison."""
         then = earlier.blocks
         for route_id, (key, block) in enumerate(zip(self.route_keys, self.blocks)):
             if route_id < len(then):
-                if block is then[route_id] or block[L.R_COUNT] == then[route_id][L.R_COUNT]:
+                if block is then[route_id] or block.count == then[route_id].count:
                     continue
                 yield key, then[route_id], block
             else:
                 yield key, None, block
 
-    def route_blocks(self) -> Iterator[tuple[RouteKey, memoryview]]:
-        """Each route's block of u64 words (see ``_layout``), for :class:`RouteSums`."""
+    def route_blocks(self) -> Iterator[tuple[RouteKey, PackedBlock]]:
+        """Each route's block (see ``_layout``), packed, for :class:`RouteSums`."""
         yield from zip(self.route_keys, self.blocks)
 
     @property
@@ -232,11 +295,16 @@ class SegmentSnapshot:
 
 
 class SegmentReader:
-    """Snapshots one segment, keeping it mapped between snapshots.
+    """Snapshots one segment, keeping its file open between snapshots.
 
-    Maps the file writable when it may, so that it can ask a busy writer to
-    publish; read-only otherwise, and then a writer that never pauses makes
-    :meth:`snapshot` raise SegmentBusy after its timeout.
+    Reads go through ``pread``: the pages stay in the page cache without being
+    mapped into this process, so a daemon reading many segments does not carry
+    them in its RSS (a word read through a mapping maps the 64 KiB around it:
+    the kernel's fault-around). The file is mapped, writable, only when its
+    control block is written (:attr:`control`), so that a busy writer can be
+    asked to publish; a segment that may only be read has no control, and then
+    a writer that never pauses makes :meth:`snapshot` raise SegmentBusy after
+    its timeout.
     """
 
     def __init__(
@@ -248,35 +316,46 @@ class SegmentReader:
         self._control_seen: tuple[tuple[int, ...], ControlState] | None = None
         self._owns_buffer = mapped is None
         self._fd: int | None = None
+        self._writable = False
+        self._buf: mmap.mmap | None = None
+        self._control: SegmentControl | None = None
         if mapped is not None:
             self._buf, self.header = mapped
-            self._control: SegmentControl | None = SegmentControl(self._buf, self.header)
-        else:
-            self._map(path)
-        self.layout = self.header.layout
-
-    def _map(self, path: str | os.PathLike[str]) -> None:
-        try:
-            self._buf, self.header = map_segment(path, writable=True)
             self._control = SegmentControl(self._buf, self.header)
-        except SegmentError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            self._buf, self.header = map_segment(path)
-            self._control = None
-        # Bulk reads (statistics, ring) go through pread: the pages stay in the
-        # page cache without being mapped into this process, so a daemon
-        # reading many segments does not carry them all in its RSS (the words
-        # read through the mapping still map the 64 KiB around them: the
-        # kernel's fault-around).
+        else:
+            self._open(self.path)
+        self.layout = self.header.layout
+        # Offsets the layout computes on each use, asked for at every tick.
+        self._live = self.layout.live_offset
+        self._route_slots = self.layout.route_slots
+
+    def _open(self, path: str) -> None:
+        # O_NONBLOCK: a FIFO named like a segment must not hang the caller.
+        flags = os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            self._fd = None
+            fd, self._writable = os.open(path, os.O_RDWR | flags), True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise SegmentError(path, f"cannot open: {exc.strerror}", exc.errno) from exc
+            try:
+                fd = os.open(path, os.O_RDONLY | flags)
+            except OSError as exc2:
+                raise SegmentError(path, f"cannot open: {exc2.strerror}", exc2.errno) from exc2
+        try:
+            info = os.fstat(fd)
+            if not stat_.S_ISREG(info.st_mode):
+                raise SegmentError(path, "not a regular file")
+            if info.st_size < L.HEADER_SIZE:
+                raise SegmentError(path, f"truncated: {info.st_size} bytes, shorter than a header")
+            self.header = parse_header(os.pread(fd, L.HEADER_SIZE, 0), path, file_size=info.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def _read(self, offset: int, size: int) -> bytes:
         if self._fd is None:
-            return self._buf[offset : offset + size]
+            return self._buf[offset : offset + size]  # type: ignore[index]
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
             raise SegmentError(
@@ -284,8 +363,20 @@ class SegmentReader:
             )
         return data
 
+    def _read_into(self, offset: int, size: int) -> memoryview:
+        """``size`` bytes at ``offset``, in this thread's scratch buffer (valid
+        until the next read into it)."""
+        view = _scratch_view(size)
+        if self._fd is None:
+            view[:] = self._buf[offset : offset + size]  # type: ignore[index]
+            return view
+        got = os.preadv(self._fd, [view], offset)
+        if got != size:
+            raise SegmentError(self.path, f"truncated while being read: {got} of {size} bytes at {offset}")
+        return view
+
     def close(self) -> None:
-        if self._owns_buffer:
+        if self._owns_buffer and self._buf is not None:
             self._buf.close()
         if self._fd is not None:
             os.close(self._fd)
@@ -299,21 +390,42 @@ class SegmentReader:
 
     @property
     def control(self) -> SegmentControl | None:
-        """The segment's control block, None when it could only be mapped read-only."""
+        """The segment's control block, None when it may only be read. Maps
+        the head of the file (up to the live counters) on first use."""
+        if self._control is None and self._writable and self._fd is not None:
+            try:
+                self._buf = mmap.mmap(
+                    self._fd, self.layout.live_offset + L.GLOBAL_WORDS * L.WORD, access=mmap.ACCESS_WRITE
+                )
+            except OSError as exc:
+                segment_logger.warning("%s: cannot map the control block: %s", self.path, exc.strerror)
+                self._writable = False
+                return None
+            self._control = SegmentControl(self._buf, self.header)
         return self._control
 
     def live_sequence(self) -> int:
         """The live statistics' sequence counter: it moves with every record, so
-        a reader can tell at the cost of one load whether anything changed."""
-        return self._word(self.layout.live_offset)
+        a reader can tell at the cost of one read whether anything changed."""
+        return self._word(self._live)
 
     def control_words(self) -> tuple[int, ...]:
-        """The control block's words as they are now (cheap: one unpack)."""
-        return read_control_words(self._buf)
+        """The control block's words as they are now (cheap: one read)."""
+        if self._fd is None:
+            return read_control_words(self._buf)
+        return _CONTROL.unpack(self._read(L.CONTROL_OFFSET, L.CONTROL_SIZE))  # type: ignore[no-any-return]
 
     def closed_ns(self) -> int:
         """When the writer closed the segment at exit (wall clock, ns); 0 while open."""
         return self._word(L.CLOSED_NS_OFFSET)
+
+    def meta(self) -> tuple[int, tuple[int, ...], int, int]:
+        """closed_ns, the control words, the route count and the overflowed
+        count, in one read (what :meth:`refresh` needs besides the statistics).
+        Read before the statistics: a segment closed by then holds every
+        record of its writer (closing comes after the last)."""
+        values = _META_STRUCT.unpack(self._read(_META_START, _META_SIZE))
+        return values[0], values[1:-2], values[-2], values[-1]
 
     def snapshot(
         self,
@@ -327,46 +439,43 @@ class SegmentReader:
         """A consistent snapshot. ``routes=False`` leaves ``routes`` empty (sum
         :meth:`SegmentSnapshot.route_blocks` instead: no object per route);
         ``alive``: whether the writer is alive, when the caller just checked."""
-        buf = self._buf
         # Only the route blocks in use are copied. The count is read before the
         # copy: a route is named before the count that makes it visible is
         # raised, and one interned during the copy shows at the next snapshot.
-        route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
-        if not 1 <= route_count <= self.layout.route_slots:
+        closed_ns, control_words, route_count, overflowed = self.meta()
+        if not 1 <= route_count <= self._route_slots:
             raise SegmentError(
-                self.path, f"corrupt route table: {route_count} routes in {self.layout.route_slots} slots"
+                self.path, f"corrupt route table: {route_count} routes in {self._route_slots} slots"
             )
-        stats, source, complete = self._consistent_stats(
-            timeout, self.layout.route_block(route_count) * L.WORD
-        )
-        words = memoryview(stats).cast("Q")
-        header = self._header()
-        closed_ns = header.closed_ns
-        if alive is None and source == "live" and not closed_ns:
+        header = self._header(closed_ns)
+        # Asked before the copy, as closed_ns: a writer gone by then wrote
+        # everything it will ever write.
+        if alive is None and not closed_ns:
             alive = process_alive(header.pid, header.start_ticks)
+        stats, source, complete = self._consistent_stats(
+            timeout, (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD
+        )
+        words = stats.cast("Q")
         if source == "live" and (closed_ns or not alive):
             # Closing at exit is best effort (a process killed by a signal
             # skips it): a writer that is gone is gone either way.
             source = "final"
-        control_words, control = self._control_state()
+        control_words, control = self._control_state(control_words)
         keys = self._route_keys(route_count)
         built = (
             tuple(_route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys))
             if routes
             else ()
         )
-        overhead = _histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS])
+        overhead = _packed_histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS])
         counters = _counters(words, overflowed, control_words, overhead)
+        # Packed copies: a later refresh() keeps the unchanged ones.
+        blocks = tuple(PackedBlock.read(words, layout_start) for layout_start in _block_starts(route_count))
+        next_index = words[L.G_NEXT_INDEX]
+        words.release()
+        stats.release()  # the scratch buffer is free again (records are read into it)
         now = time.time_ns() if now_ns is None else now_ns
-        found = self._records(words[L.G_NEXT_INDEX], control, keys, now) if records else ()
-        size = L.ROUTE_BLOCK_WORDS
-        # Each block a copy of its own: a later refresh() keeps the unchanged
-        # ones, which must not keep this whole copy alive.
-        base, block_bytes = L.ROUTES_START * L.WORD, size * L.WORD
-        blocks = tuple(
-            memoryview(stats[base + i * block_bytes : base + (i + 1) * block_bytes]).cast("Q")
-            for i in range(route_count)
-        )
+        found = self._records(next_index, control, keys, now) if records else ()
         return SegmentSnapshot(
             self.path,
             header,
@@ -382,7 +491,14 @@ class SegmentReader:
             control_words,
         )
 
-    def refresh(self, previous: SegmentSnapshot, *, attempts: int = 3) -> SegmentSnapshot:
+    def refresh(
+        self,
+        previous: SegmentSnapshot,
+        *,
+        attempts: int = 3,
+        meta: tuple[int, tuple[int, ...], int, int] | None = None,
+        sequence: int | None = None,
+    ) -> SegmentSnapshot:
         """What ``snapshot(records=False, routes=False, alive=True)`` gives,
         reading only what changed since ``previous`` (a snapshot of this
         segment): the blocks of the routes whose count moved, and the overhead
@@ -390,46 +506,55 @@ class SegmentReader:
         ``previous``. A route's block changes only with its count, under the
         sequence counter, so a count read between two equal, even reads of
         that counter tells whether the block moved. With a writer too busy for
-        that, a full snapshot (which can ask it to publish)."""
-        buf, live = self._buf, self.layout.live_offset
-        route_count, overflowed = L.ROUTE_TABLE_STRUCT.unpack_from(buf, L.ROUTES_OFFSET)
-        if not 1 <= route_count <= self.layout.route_slots or len(previous.blocks) > route_count:
+        that, a full snapshot (which can ask it to publish). ``meta``: what
+        :meth:`meta` returned just now, and ``sequence`` the
+        :meth:`live_sequence` read after it, when the caller has them."""
+        live = self._live
+        closed_ns, control_words, route_count, overflowed = self.meta() if meta is None else meta
+        then = previous.blocks
+        if not 1 <= route_count <= self._route_slots or len(then) > route_count:
             return self.snapshot(records=False, routes=False, alive=True)
-        block_bytes = L.ROUTE_BLOCK_WORDS * L.WORD
         for _ in range(attempts):
-            seq = self._word(live)
+            seq = self._word(live) if sequence is None else sequence
+            sequence = None
             if seq & 1:
                 continue
             globals_ = memoryview(self._read(live, L.GLOBAL_WORDS * L.WORD)).cast("Q")
-            overhead = previous.counters.overhead_histogram
-            if globals_[L.G_OVERHEAD_COUNT] != previous.counters.overhead_count:
-                offset = live + L.OVERHEAD_HIST * L.WORD
-                overhead = Histogram.from_bytes(
-                    self._read(offset, L.HIST_BUCKETS * L.WORD), globals_[L.G_OVERHEAD_MAX_NS]
-                )
-            blocks = []
-            for route_id in range(route_count):
-                offset = live + self.layout.route_block(route_id) * L.WORD
-                if (
-                    route_id < len(previous.blocks)
-                    and self._word(offset) == previous.blocks[route_id][L.R_COUNT]
-                ):
-                    blocks.append(previous.blocks[route_id])
-                else:
-                    blocks.append(memoryview(self._read(offset, block_bytes)).cast("Q"))
+            timed = globals_[L.G_OVERHEAD_COUNT] != previous.counters.overhead_count
+            if 2 * (globals_[L.G_NEXT_INDEX] - previous.counters.requests) >= route_count:
+                # Records enough to have moved most routes: one read of the
+                # whole area costs less than a read of each count, then of each block.
+                size = (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD
+                with self._read_into(live, size).cast("Q") as words:
+                    overhead = (
+                        _packed_histogram(words, L.OVERHEAD_HIST, globals_[L.G_OVERHEAD_MAX_NS])
+                        if timed
+                        else previous.counters.overhead_histogram
+                    )
+                    blocks = [
+                        then[route_id]
+                        if route_id < len(then) and words[start + L.R_COUNT] == then[route_id].count
+                        else PackedBlock.read(words, start)
+                        for route_id, start in enumerate(_block_starts(route_count))
+                    ]
+            else:
+                overhead = previous.counters.overhead_histogram
+                if timed:
+                    with self._read_into(live, L.ROUTES_START * L.WORD).cast("Q") as words:
+                        overhead = _packed_histogram(words, L.OVERHEAD_HIST, globals_[L.G_OVERHEAD_MAX_NS])
+                blocks = self._changed_blocks(live, then, route_count)
             if self._word(live) != seq:
                 continue  # written meanwhile: the reads may not agree
-            control_words, control = self._control_state()
-            header = self._header()
+            control_words, control = self._control_state(control_words)
             return SegmentSnapshot(
                 self.path,
-                header,
+                self._header(closed_ns),
                 control,
                 _counters(globals_, overflowed, control_words, overhead),
                 (),
                 (),
                 time.time_ns(),
-                "final" if header.closed_ns else "live",
+                "final" if closed_ns else "live",
                 True,
                 tuple(blocks),
                 self._route_keys(route_count),
@@ -437,17 +562,33 @@ class SegmentReader:
             )
         return self.snapshot(records=False, routes=False, alive=True)
 
-    def _control_state(self) -> tuple[tuple[int, ...], ControlState]:
+    def _changed_blocks(
+        self, live: int, then: tuple[PackedBlock, ...], route_count: int
+    ) -> list[PackedBlock]:
+        """Each route's block: ``then``'s where the count has not moved, else read."""
+        blocks = []
+        for route_id, start in enumerate(_block_starts(route_count)):
+            offset = live + start * L.WORD
+            if route_id < len(then) and self._word(offset + L.R_COUNT * L.WORD) == then[route_id].count:
+                blocks.append(then[route_id])
+                continue
+            with self._read_into(offset, _BLOCK_BYTES).cast("Q") as words:
+                blocks.append(PackedBlock.read(words, 0))
+        return blocks
+
+    def _control_state(self, words: tuple[int, ...]) -> tuple[tuple[int, ...], ControlState]:
         """The control block's words and state; most snapshots see the
-        settings the last one saw, and share its state."""
-        words = read_control_words(self._buf)
+        settings the last one saw (and most processes the settings of others),
+        and share its state."""
         if self._control_seen is None or words != self._control_seen[0]:
-            self._control_seen = (words, ControlState.from_words(words))
+            state = _control_cache.get(words)
+            if state is None:
+                state = _cache_put(_control_cache, words, ControlState.from_words(words))
+            self._control_seen = (words, state)
         return self._control_seen
 
-    def _header(self) -> SegmentHeader:
+    def _header(self, closed_ns: int) -> SegmentHeader:
         """The header, with the time the writer closed the segment (0: open)."""
-        closed_ns = self._word(L.CLOSED_NS_OFFSET)
         return (
             self.header if closed_ns == self.header.closed_ns else replace(self.header, closed_ns=closed_ns)
         )
@@ -457,37 +598,53 @@ class SegmentReader:
         once its count is visible, so the names read before are kept."""
         known = self._keys
         if len(known) < route_count:
-            known = self._keys = known + tuple(self._route_key(i) for i in range(len(known), route_count))
-        return known[:route_count]
+            first = self.layout.route_name_offset(len(known))
+            names = self._read(first, self.layout.route_name_offset(route_count) - first)
+            found = _route_keys_cache.get(names)
+            if found is None:
+                found = tuple(
+                    self._route_key(len(known) + i, names[at : at + L.ROUTE_NAME_SIZE])
+                    for i, at in enumerate(range(0, len(names), L.ROUTE_NAME_SIZE))
+                )
+                if len(known) == 0:  # the usual table, as every process of the app names it
+                    _cache_put(_route_keys_cache, names, found)
+            known = self._keys = known + found
+        return known[:route_count] if len(known) > route_count else known
 
-    def _route_key(self, route_id: int) -> RouteKey:
-        direction, method, template = L.ROUTE_NAME_STRUCT.unpack_from(
-            self._buf, self.layout.route_name_offset(route_id)
-        )
+    def _route_key(self, route_id: int, raw: bytes) -> RouteKey:
+        key = _route_key_cache.get(raw)
+        if key is not None:
+            return key
+        direction, method, template = L.ROUTE_NAME_STRUCT.unpack(raw)
         if direction not in (L.Direction.INBOUND, L.Direction.OUTBOUND):
             raise SegmentError(self.path, f"corrupt route table: route {route_id} has direction {direction}")
-        return RouteKey(
+        key = RouteKey(
             L.Direction(direction),
             method.rstrip(b"\0").decode("utf-8", "replace"),
             template.rstrip(b"\0").decode("utf-8", "replace"),
         )
+        _cache_put(_route_key_cache, raw, key)
+        return key
 
-    def _copy_stats(self, offset: int, size: int) -> bytes | None:
+    def _copy_stats(self, offset: int, size: int) -> memoryview | None:
         """The first ``size`` bytes of the statistics area at ``offset`` if they
         were not written during the copy."""
         seq_before = self._word(offset)
         if seq_before & 1:
             return None
-        data = self._read(offset, size)
-        return data if self._word(offset) == seq_before else None
+        data = self._read_into(offset, size)
+        if self._word(offset) == seq_before:
+            return data
+        data.release()
+        return None
 
     def _word(self, offset: int) -> int:
-        return L.U64.unpack_from(self._buf, offset)[0]  # type: ignore[no-any-return]
+        return L.U64.unpack(self._read(offset, L.WORD))[0]  # type: ignore[no-any-return]
 
-    def _consistent_stats(self, timeout: float, size: int) -> tuple[bytes, str, bool]:
-        """A consistent copy of the statistics, where it came from, and whether
-        it is complete."""
-        live = self.layout.live_offset
+    def _consistent_stats(self, timeout: float, size: int) -> tuple[memoryview, str, bool]:
+        """A consistent copy of the statistics (in the scratch buffer), where it
+        came from, and whether it is complete."""
+        live = self._live
         for _ in range(LIVE_ATTEMPTS):
             data = self._copy_stats(live, size)
             if data is not None:
@@ -495,11 +652,12 @@ class SegmentReader:
         if not process_alive(self.header.pid, self.header.start_ticks):
             # The writer died; an odd counter means inside an update.
             seq = self._word(live)
-            return self._read(live, size), "final", not seq & 1
+            return self._read_into(live, size), "final", not seq & 1
         published = self.layout.published_offset
         published_before = self._word(published)
-        if self._control is not None:
-            self._control.request_publish()
+        control = self.control
+        if control is not None:
+            control.request_publish()
         deadline = time.monotonic() + timeout
         pause = 20e-6
         while time.monotonic() < deadline:
@@ -609,6 +767,15 @@ def _counters(
 
 def _histogram(words: memoryview, start: int, max_ns: int) -> Histogram:
     return Histogram.from_bytes(words[start : start + L.HIST_BUCKETS].cast("B"), max_ns)
+
+
+def _packed_histogram(words: memoryview, start: int, max_ns: int) -> Histogram:
+    return Histogram.from_packed(pack_words(words, start, L.HIST_BUCKETS), max_ns)
+
+
+def _block_starts(route_count: int) -> range:
+    """Word index, within a statistics area, of each route block in use."""
+    return range(L.ROUTES_START, L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS, L.ROUTE_BLOCK_WORDS)
 
 
 def read_segment(

@@ -122,10 +122,12 @@ class SegmentStore:
                 self._retire(self.entries.pop(path), None)
         # A folded segment that could not be removed stays folded: never counted twice.
         self.folded &= present
-        for path in sorted(present - self.entries.keys() - self.folded):
+        found = present - self.entries.keys() - self.folded
+        for path in sorted(found):
             self._discover(path)
         for path, entry in list(self.entries.items()):
-            self._update(path, entry)
+            if path not in found:  # a process found now was just read
+                self._update(path, entry)
         self.ticks += 1
         self.last_tick_ns = time.time_ns()
         self.last_tick_seconds = time.perf_counter() - started
@@ -151,13 +153,15 @@ class SegmentStore:
             self._refuse(path, fingerprint, exc)
             return
         try:
+            # The counter before the snapshot: a record in between is read at the next tick.
+            sequence = reader.live_sequence()
             snapshot = reader.snapshot(records=False, routes=False)
         except (SegmentError, OSError) as exc:
             reader.close()
             self._refuse(path, fingerprint, exc)
             return
         self._refused.pop(path, None)
-        entry = ProcessEntry(path, reader, snapshot, reader.live_sequence(), snapshot.control_words)
+        entry = ProcessEntry(path, reader, snapshot, sequence, snapshot.control_words)
         store_logger.info("found %s: app %s, pid %d", path, entry.app, entry.pid)
         first = self.first_seen_ns.get(entry.app)
         created = snapshot.header.created_ns
@@ -166,7 +170,10 @@ class SegmentStore:
             self._retire(entry, snapshot, counted=False)
         else:
             self.entries[path] = entry
-            self.live_totals.setdefault(entry.app, Totals()).add_snapshot(snapshot)
+            totals = self.live_totals.get(entry.app)
+            if totals is None:  # (not setdefault: a Totals is costly to make for nothing)
+                totals = self.live_totals[entry.app] = Totals()
+            totals.add_snapshot(snapshot)
             self._apps = None
             if self.on_discover is not None:
                 self.on_discover(entry)
@@ -180,20 +187,29 @@ class SegmentStore:
 
     def _update(self, path: str, entry: ProcessEntry) -> None:
         header = entry.snapshot.header
-        sequence = entry.reader.live_sequence()
+        try:
+            # Closed time and control words first: see SegmentReader.meta.
+            meta = entry.reader.meta()
+            sequence = entry.reader.live_sequence()
+        except (SegmentError, OSError) as exc:
+            store_logger.warning("cannot read %s any more (%s); keeping its last counts", path, exc)
+            del self.entries[path]
+            self._retire(entry, None)
+            return
+        closed_ns, control_words = meta[0], meta[1]
         # A process that recorded since the last tick was alive a moment ago;
         # only an idle one is asked (/proc) whether it has ended.
         ended = sequence == entry.sequence and not process_alive(header.pid, header.start_ticks)
         # A reload, the API or the CLI may have written the control block without
         # a record since: the snapshot stands only if that is unchanged too.
-        control_same = entry.reader.control_words() == entry.control_words
-        if sequence == entry.sequence and control_same and not ended and not entry.reader.closed_ns():
+        control_same = control_words == entry.control_words
+        if sequence == entry.sequence and control_same and not ended and not closed_ns:
             return  # nothing recorded since the last tick: the snapshot stands
         try:
             snapshot = (
                 entry.reader.snapshot(records=False, routes=False, alive=False)
                 if ended
-                else entry.reader.refresh(entry.snapshot)
+                else entry.reader.refresh(entry.snapshot, meta=meta, sequence=sequence)
             )
         except SegmentBusy as exc:
             store_logger.warning("%s; keeping the previous snapshot", exc)

@@ -10,8 +10,7 @@ from typing import Any
 
 from netprof_core import Direction, Histogram, RouteKey, RouteStats, SegmentSnapshot
 from netprof_core._layout import OVERFLOW_TEMPLATE
-from netprof_core._recorder import add_counts, subtract_counts
-from netprof_core.reader import Counters, RouteSums
+from netprof_core.reader import Counters, PackedBlock, RouteSums
 
 __all__ = ("CounterTotals", "Totals")
 
@@ -47,8 +46,8 @@ class CounterTotals:
         if c.overhead_count == 0:
             return  # an empty histogram: nothing to add or take away
         if sign > 0:
-            add_counts(self.overhead_histogram.counts, c.overhead_histogram.counts)
-        elif not subtract_counts(self.overhead_histogram.counts, c.overhead_histogram.counts):
+            c.overhead_histogram.add_to(self.overhead_histogram.counts)
+        elif not c.overhead_histogram.subtract_from(self.overhead_histogram.counts):
             raise ValueError("subtracting counters that were never added")
 
     def replace_snapshot(self, old: SegmentSnapshot, new: SegmentSnapshot) -> None:
@@ -112,13 +111,19 @@ class Totals:
         """Swap a process's earlier snapshot for its new one, touching only the
         routes that recorded in between (a route block changes only with its count)."""
         self.counters.replace_snapshot(old, new)
-        for key, before, block in new.changed_route_blocks(old):
-            route = self._route(key, block)
+        then = old.blocks
+        for route_id, block in enumerate(new.blocks):
+            before = then[route_id] if route_id < len(then) else None
+            if block is before:  # refresh() shares the blocks of routes that did not move
+                continue
+            if before is not None and block.count == before.count:
+                continue
+            route = self._route(new.route_keys[route_id], block)
             if before is not None:
                 route.subtract_block(before)
             route.add_block(block)
 
-    def _route(self, key: RouteKey, block: memoryview) -> RouteSums:
+    def _route(self, key: RouteKey, block: PackedBlock) -> RouteSums:
         route = self.sums.get(key)
         if route is None:
             route = self.sums[key] = RouteSums(key)
