@@ -3,7 +3,7 @@
 behind NetProfMiddleware, counted by valgrind's callgrind: the end-to-end cost
 of the middleware as a figure that a busy machine does not move.
 
-    PYTHONPATH=. python benchmarks/count_server_instructions.py [REQUESTS] [--wrk SECONDS]
+    PYTHONPATH=. python benchmarks/count_server_instructions.py [REQUESTS] [--connections C]
 
 The wall-clock benchmark (``test_end_to_end.py``) loads each server with wrk
 and measures requests/s and CPU time per request; on a shared machine those
@@ -15,23 +15,23 @@ and 2N requests after the same warm-up: (total(2N) - total(N)) / N is the
 server's cost of one request, start-up and shut-down cancelled out. A server
 whose CPU is the bottleneck loses throughput in proportion.
 
-With ``--wrk SECONDS`` the load is wrk's instead, as in the wall-clock
-benchmark (64 keep-alive connections), for SECONDS and twice that: a server
-busy with many connections spends fewer instructions per request in its event
-loop, so the middleware's share is larger. The cost of one request is then
-(total(2) - total(1)) / (requests(2) - requests(1)), with wrk's request counts.
+With ``--connections 64`` the requests go over 64 keep-alive connections at
+once, as wrk sends them in the wall-clock benchmark: a server with many
+requests in flight spends more per request in its garbage collector (every
+request's objects are young), so what a middleware allocates costs more.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,27 +83,36 @@ def _exchange(sock: socket.socket, buffer: bytearray) -> None:
     del buffer[:size]
 
 
-def _wrk(port: int, seconds: int) -> int:
-    """Requests wrk completed in ``seconds`` (errors are not expected: they fail the run)."""
-    url = f"http://127.0.0.1:{port}{PATH}"
-    output = subprocess.run(
-        ["wrk", "-t1", "-c64", f"-d{seconds}s", "--timeout", "30s", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in output or "Socket errors" in output:
-        raise RuntimeError(f"wrk saw errors:\n{output}")
-    match = re.search(r"(\d+) requests in", output)
-    if match is None:
-        raise RuntimeError(f"no request count in wrk's output:\n{output}")
-    return int(match.group(1))
+def _load(port: int, requests: int, connections: int) -> None:
+    """``requests`` requests over ``connections`` keep-alive connections at
+    once (a thread each, one request after another on each), as a load
+    generator would send them; every response must be a 200."""
+    shares = [requests // connections + (i < requests % connections) for i in range(connections)]
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=300) for _ in shares]
+    failures: list[BaseException] = []
+
+    def send(sock: socket.socket, count: int) -> None:
+        try:
+            buffer = bytearray()
+            for _ in range(count):
+                _exchange(sock, buffer)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the caller
+            failures.append(exc)
+
+    threads = [threading.Thread(target=send, args=pair) for pair in zip(sockets, shares)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for sock in sockets:
+        sock.close()
+    if failures:
+        raise failures[0]
 
 
-def instructions(variant: str, requests: int, wrk_seconds: int = 0) -> tuple[int, int]:
-    """(instructions, requests) of one server run: start-up, WARMUP requests,
-    then ``requests`` more one after another (or wrk's load for
-    ``wrk_seconds``), and shut-down."""
+def instructions(variant: str, requests: int, connections: int) -> int:
+    """The instructions of one server run: start-up, WARMUP requests, then
+    ``requests`` more over ``connections`` connections, and shut-down."""
     factory, core = VARIANTS[variant]
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="netprof-count-") as segment_dir:
@@ -124,10 +133,9 @@ def instructions(variant: str, requests: int, wrk_seconds: int = 0) -> tuple[int
         try:
             with _connect(port, server) as sock:
                 buffer = bytearray()
-                for _ in range(WARMUP + (0 if wrk_seconds else requests)):
+                for _ in range(WARMUP):
                     _exchange(sock, buffer)
-            if wrk_seconds:
-                requests = _wrk(port, wrk_seconds)
+            _load(port, requests, connections)
             server.send_signal(signal.SIGINT)
             _, output = server.communicate(timeout=300)
         finally:
@@ -137,37 +145,33 @@ def instructions(variant: str, requests: int, wrk_seconds: int = 0) -> tuple[int
     match = re.search(r"Collected : (\d+)", output)
     if match is None:
         raise RuntimeError(f"no instruction count in callgrind's output:\n{output}")
-    return int(match.group(1)), requests
+    return int(match.group(1))
 
 
-def per_request(variant: str, requests: int, wrk_seconds: int) -> int:
-    total_1, requests_1 = instructions(variant, requests, wrk_seconds)
-    total_2, requests_2 = instructions(variant, 2 * requests, 2 * wrk_seconds)
-    return (total_2 - total_1) // (requests_2 - requests_1)
+def per_request(variant: str, requests: int, connections: int) -> int:
+    return (
+        instructions(variant, 2 * requests, connections) - instructions(variant, requests, connections)
+    ) // requests
 
 
-def main(requests: int, wrk_seconds: int) -> None:
-    if wrk_seconds:
-        if shutil.which("wrk") is None:
-            raise SystemExit("--wrk needs wrk (apt-get install wrk)")
-        load = f"wrk -t1 -c64 for {wrk_seconds} s and {2 * wrk_seconds} s"
-    else:
-        load = f"one keep-alive connection, {requests} and {2 * requests} requests"
-    print(f"uvicorn + Starlette, GET {PATH}, {load}")
-    bare = per_request("bare", requests, wrk_seconds)
+def main(requests: int, connections: int) -> None:
+    print(
+        f"uvicorn + Starlette, GET {PATH}, {requests} and {2 * requests} requests over {connections} connection(s)"
+    )
+    bare = per_request("bare", requests, connections)
     print(f"bare: {bare} instructions/request")
     for variant in list(VARIANTS)[1:]:
         if variant == "netprof[cython]" and os.environ.get("NETPROF_NO_EXTENSIONS") == "1":
             continue
-        count = per_request(variant, requests, wrk_seconds)
+        count = per_request(variant, requests, connections)
         print(f"{variant}: {count} instructions/request, +{count - bare} ({(count - bare) / bare:+.2%})")
 
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    wrk_seconds = 0
-    if "--wrk" in arguments:
-        index = arguments.index("--wrk")
-        wrk_seconds = int(arguments[index + 1])
-        del arguments[index : index + 2]
-    main(int(arguments[0]) if arguments else 2000, wrk_seconds)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("requests", nargs="?", type=int, default=2000, help="N (default 2000)")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="keep-alive connections at once (default 1)"
+    )
+    arguments = parser.parse_args()
+    main(arguments.requests, arguments.connections)

@@ -4,6 +4,7 @@ from libc.stdint cimport int64_t
 
 
 cdef class Exchange
+cdef class Receiver
 
 
 cdef int _NONE
@@ -26,18 +27,23 @@ cdef class AsgiRequests:
     cdef dict route_ids
     cdef object record
 
-    @cython.locals(fields=dict, ttfb=int64_t)
+    @cython.locals(fields=dict, templates=dict, ttfb=int64_t)
     cdef finish(self, scope, Exchange exchange)
 
 
 cdef AsgiRequests requests_of(middleware)
 @cython.locals(exchange=Exchange)
-cdef Exchange new_exchange(dict scope, receive, send)
+cdef Exchange new_exchange(dict scope, send)
+@cython.locals(receiver=Receiver)
+cdef Receiver new_receiver(Exchange exchange, receive)
 
 
+# Reused, not allocated: an allocation of a garbage-collected object brings
+# the next collection nearer, and under load (many requests in flight, all in
+# the youngest generation) collections are most of what a middleware costs.
+@cython.freelist(256)
 cdef class Exchange:
     cdef object _send
-    cdef object _receive
     cdef readonly object root_path
     cdef readonly int64_t start
     cdef readonly object status
@@ -49,3 +55,9 @@ cdef class Exchange:
 
     cdef note(self, dict message)
     cdef failed(self, exc)
+
+
+@cython.freelist(256)
+cdef class Receiver:
+    cdef Exchange exchange
+    cdef object _receive

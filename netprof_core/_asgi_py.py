@@ -75,7 +75,8 @@ class AsgiRequests:
             if not template:
                 template = route_template(fields, exchange.root_path)
             method = fields["method"]
-            route = self.route_ids.get((template, method))
+            templates = self.route_ids.get(method)
+            route = templates.get(template) if templates is not None else None
             if route is None:
                 route = self.hook.intern(template, method)
         except Exception as exc:
@@ -104,9 +105,9 @@ async def serve(middleware: Any, scope: Scope, receive: Receive, send: Send) -> 
     if scope["type"] != "http" or (requests.excluded is not None and requests.excluded(scope["path"])):
         await requests.app(scope, receive, send)
         return
-    exchange = new_exchange(scope if type(scope) is dict else dict(scope), receive, send)
+    exchange = new_exchange(scope if type(scope) is dict else dict(scope), send)
     try:
-        await requests.app(scope, exchange.receive, exchange)
+        await requests.app(scope, new_receiver(exchange, receive), exchange)
     except BaseException as exc:
         exchange.failed(exc)
         raise
@@ -114,12 +115,11 @@ async def serve(middleware: Any, scope: Scope, receive: Receive, send: Send) -> 
         requests.finish(scope, exchange)
 
 
-def new_exchange(scope: dict[str, Any], receive: Receive, send: Send) -> Exchange:
+def new_exchange(scope: dict[str, Any], send: Send) -> Exchange:
     """A request starts. (``__new__`` and the fields set here, not ``__init__``:
-    compiled, that is a plain C allocation without parsing arguments.)"""
+    compiled, that takes an object from a free list, without parsing arguments.)"""
     exchange = Exchange.__new__(Exchange)
     exchange._send = send
-    exchange._receive = receive
     exchange.root_path = scope.get("root_path", "")
     exchange.start = monotonic_ns()
     exchange.status = 0
@@ -141,7 +141,6 @@ class Exchange:
     end leaves out the server's wait for the client to take the chunk before."""
 
     _send: Send
-    _receive: Receive
     root_path: str
     start: int  # monotonic ns
     status: int
@@ -176,13 +175,36 @@ class Exchange:
         if self.error_kind == _NONE:
             self.error_kind = _CLIENT_DISCONNECT if is_disconnect(exc) else _EXCEPTION
 
-    async def receive(self) -> Message:
+
+
+def new_receiver(exchange: Exchange, receive: Receive) -> Receiver:
+    receiver = Receiver.__new__(Receiver)
+    receiver.exchange = exchange
+    receiver._receive = receive
+    return receiver
+
+
+class Receiver:
+    """The ``receive`` the application gets: counts the request body and
+    notes a client that went away before the response was complete. (Its own
+    object, not a bound method of the exchange: that would be an allocation
+    per request, and the exchange must not point back to it, or each request
+    would be a reference cycle for the garbage collector.)"""
+
+    exchange: Exchange
+    _receive: Receive
+
+    def __call__(self) -> Awaitable[Message]:
+        return self.counted()
+
+    async def counted(self) -> Message:
         message = await self._receive()
         kind = message["type"]
+        exchange = self.exchange
         if kind == "http.request":
             body = message.get("body")
             if body:
-                self.bytes_in += len(body)
-        elif kind == "http.disconnect" and not self.end:
-            self.error_kind = _CLIENT_DISCONNECT
+                exchange.bytes_in += len(body)
+        elif kind == "http.disconnect" and not exchange.end:
+            exchange.error_kind = _CLIENT_DISCONNECT
         return message

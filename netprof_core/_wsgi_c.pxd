@@ -24,7 +24,7 @@ cdef class WsgiRequests:
     @cython.locals(request=Request, bytes_out=int64_t)
     cpdef serve(self, environ, start_response)
 
-    @cython.locals(end=int64_t, bytes_in=int64_t, ttfb=int64_t)
+    @cython.locals(templates=dict, end=int64_t, bytes_in=int64_t, ttfb=int64_t)
     cdef finish(self, Request request, int error_kind)
 
 

@@ -72,7 +72,8 @@ class WsgiRequests:
                 if not isinstance(template, str):
                     template = UNMATCHED_ROUTE
             method = environ.get("REQUEST_METHOD", "GET")
-            route = self.route_ids.get((template, method))
+            templates = self.route_ids.get(method)
+            route = templates.get(template) if templates is not None else None
             if route is None:
                 route = self.hook.intern(template, method)
             status = _STATUS_CODES.get(request.status)

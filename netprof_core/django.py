@@ -67,7 +67,7 @@ class NetProfMiddleware(InboundHook):
             if meta.get(RECORDING_ENVIRON_KEY):  # a WSGI wrapper records this request
                 meta[ROUTE_ENVIRON_KEY] = template
                 return
-            route = self.route_ids.get((template, request.method))
+            route = self.route_ids.get(request.method, {}).get(template)
             if route is None:
                 route = self.intern(template, request.method)
             status = response.status_code if response is not None else 0

@@ -67,8 +67,9 @@ def compile_excludes(patterns: Iterable[str]) -> Callable[[str], object] | None:
 
 class InboundHook:
     """What the ASGI and WSGI middleware share: their settings, and the route
-    ids they look up on every request (``self.route_ids.get((template,
-    method))`` on the hot path, :meth:`intern` on a miss)."""
+    ids they look up on every request (``self.route_ids[method][template]``
+    on the hot path, :meth:`intern` on a miss: by method first, so that a
+    lookup allocates no key)."""
 
 
     def __init__(
@@ -85,12 +86,14 @@ class InboundHook:
         self.excluded = compile_excludes(exclude_paths)
         self.route_key = route_key
         self.record = self.recorder.record
-        self.route_ids: dict[tuple[str, str], int] = {}
+        self.route_ids: dict[str, dict[str, int]] = {}  # method -> template -> route id
+        self._cached_routes = 0
 
     def intern(self, template: str, method: str) -> int:
         route = self.recorder.route_id(
             template, method if method in KNOWN_METHODS else "OTHER", Direction.INBOUND
         )
-        if len(self.route_ids) < ROUTE_CACHE_LIMIT:  # a route_key may return anything
-            self.route_ids[(template, method)] = route
+        if self._cached_routes < ROUTE_CACHE_LIMIT:  # a route_key may return anything
+            self.route_ids.setdefault(method, {})[template] = route
+            self._cached_routes += 1
         return route
