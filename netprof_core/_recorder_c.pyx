@@ -14,11 +14,22 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.errno cimport EINTR, errno
 from libc.string cimport memcpy
+from posix.types cimport off_t
+from posix.fcntl cimport O_CLOEXEC, O_RDONLY
+from posix.fcntl cimport open as c_open
+from posix.unistd cimport close as c_close
+from posix.unistd cimport pread
+from posix.unistd cimport read as c_read
+from libc.stdio cimport snprintf
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 
 from cpython.long cimport PyLong_Check
 
 from netprof_core._cdefs cimport np_bit_length, np_monotonic_ns, np_release_fence
+
+from array import array as _array
 
 from netprof_core import _layout as L
 
@@ -102,6 +113,11 @@ cdef inline uint64_t bucket_index(uint64_t duration_ns) noexcept nogil:
             + ((duration_ns >> (top - HIST_SUB_BITS)) & ((<uint64_t>1 << HIST_SUB_BITS) - 1)))
 
 
+cdef enum:
+    ADMIT_RECORD = 1
+    ADMIT_TIMED = 2
+
+
 cdef class RecorderCore:
     """Applies one request to a segment; see the Python twin for the contract."""
 
@@ -148,27 +164,12 @@ cdef class RecorderCore:
             PyBuffer_Release(&self._view)
 
     def record(self, route_id, status, start_ns, end_ns, bytes_in=0, bytes_out=0, error_kind=0, ttfb_ns=0):
-        cdef uint64_t* w = self._w
-        if w == NULL:
+        if self._w == NULL:
             return
-        cdef uint64_t* c = w + self._ctl
-        cdef uint64_t x
-        if not c[C_ENABLED] or not c[C_FEATURE_FLAG] or c[C_AUTO_DISABLED]:
-            self._count(G_DISABLED_CALLS)
+        cdef int admitted = _admit(self)
+        if not admitted:
             return
-        cdef uint64_t threshold = c[C_SAMPLE_THRESHOLD]
-        if threshold < SAMPLE_ALL:
-            x = self._rng
-            x ^= x >> 12
-            x ^= x << 25
-            x ^= x >> 27
-            self._rng = x
-            if (x * <uint64_t>0x2545F4914F6CDD1D) >> 32 >= threshold:
-                self._count(G_SAMPLED_OUT)
-                return
-        cdef bint timed = c[C_PERF_MONITORING] != 0 and (self._calls & OVERHEAD_SAMPLE_MASK) == 0
-        self._calls += 1
-        cdef int64_t t0 = np_monotonic_ns() if timed else 0
+        cdef int64_t t0 = np_monotonic_ns() if admitted == ADMIT_TIMED else 0
         cdef uint64_t rid, st, bi, bo, ek, tt
         cdef int64_t s, e
         # Ints only (an IntEnum is one): Cython's conversion alone would take floats.
@@ -187,15 +188,32 @@ cdef class RecorderCore:
                 tt = ttfb_ns
             except OverflowError:
                 valid = False
-        # The route count is shared memory: trust it no further than the layout.
-        if not (valid and rid < w[ROUTE_COUNT_WORD] and rid < self._slots and st <= 0xFFFF
-                and 0 <= s <= e and ek < ERROR_KINDS):
-            self._internal_error(invalid_arguments(
-                c[C_GRACEFUL] != 0, (route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
-            ))
+        if not (valid and _in_range(self, rid, st, s, e, ek)):
+            self._reject((route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns))
             return
-        if self._apply(rid, st, s, e, bi, bo, ek, tt, timed, t0) and self._on_slow is not None:
+        if self._apply(rid, st, s, e, bi, bo, ek, tt, admitted == ADMIT_TIMED, t0) and self._on_slow is not None:
             self._log_slow(rid, <uint64_t>(e - s), st, e)
+
+    cpdef record_ints(self, Py_ssize_t route_id, Py_ssize_t status, int64_t start_ns, int64_t end_ns,
+                      int64_t bytes_in, int64_t bytes_out, Py_ssize_t error_kind, int64_t ttfb_ns):
+        """``record`` for the compiled hooks, which hold their numbers as C
+        integers: called from C, nothing is boxed and no argument parsed."""
+        if self._w == NULL:
+            return
+        cdef int admitted = _admit(self)
+        if not admitted:
+            return
+        cdef int64_t t0 = np_monotonic_ns() if admitted == ADMIT_TIMED else 0
+        if not (route_id >= 0 and status >= 0 and bytes_in >= 0 and bytes_out >= 0 and error_kind >= 0
+                and ttfb_ns >= 0 and _in_range(self, route_id, status, start_ns, end_ns, error_kind)):
+            self._reject((route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns))
+            return
+        if (self._apply(route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns,
+                        admitted == ADMIT_TIMED, t0) and self._on_slow is not None):
+            self._log_slow(route_id, <uint64_t>(end_ns - start_ns), status, end_ns)
+
+    cdef _reject(self, tuple arguments):
+        self._internal_error(invalid_arguments((self._w + self._ctl)[C_GRACEFUL] != 0, arguments))
 
     cdef bint _apply(self, uint64_t route_id, uint64_t status, int64_t start_ns, int64_t end_ns,
                      uint64_t bytes_in, uint64_t bytes_out, uint64_t error_kind, uint64_t ttfb_ns,
@@ -344,6 +362,36 @@ cdef class RecorderCore:
         self._on_slow(route_id, duration_ns, status, suppressed)
 
 
+cdef inline int _admit(RecorderCore self):
+    """Whether to record this call: 0 not (disabled or sampled out, and
+    counted as such), ADMIT_RECORD, or ADMIT_TIMED (record, and time the
+    update for the overhead histogram)."""
+    cdef uint64_t* w = self._w
+    cdef uint64_t* c = w + self._ctl
+    cdef uint64_t x
+    if not c[C_ENABLED] or not c[C_FEATURE_FLAG] or c[C_AUTO_DISABLED]:
+        self._count(G_DISABLED_CALLS)
+        return 0
+    cdef uint64_t threshold = c[C_SAMPLE_THRESHOLD]
+    if threshold < SAMPLE_ALL:
+        x = self._rng
+        x ^= x >> 12
+        x ^= x << 25
+        x ^= x >> 27
+        self._rng = x
+        if (x * <uint64_t>0x2545F4914F6CDD1D) >> 32 >= threshold:
+            self._count(G_SAMPLED_OUT)
+            return 0
+    cdef bint timed = c[C_PERF_MONITORING] != 0 and (self._calls & OVERHEAD_SAMPLE_MASK) == 0
+    self._calls += 1
+    return ADMIT_TIMED if timed else ADMIT_RECORD
+
+cdef inline bint _in_range(RecorderCore self, uint64_t rid, uint64_t st, int64_t s, int64_t e, uint64_t ek):
+    # The route count is shared memory: trust it no further than the layout.
+    cdef uint64_t* w = self._w
+    return rid < w[ROUTE_COUNT_WORD] and rid < self._slots and st <= 0xFFFF and 0 <= s <= e and ek < ERROR_KINDS
+
+
 cdef class EmptyRecorder:
     """A record() that does nothing, with the same arguments: the benchmarks' floor."""
 
@@ -385,55 +433,55 @@ def subtract_counts(uint64_t[::1] into not None, const uint64_t[::1] values not 
 cdef Py_ssize_t PACKED_MAX_WORDS = 65536
 
 
+# Where a block is packed before its exact-size bytes are made: the GIL is
+# held throughout, so one buffer serves every call (no malloc per block).
+cdef uint64_t _pack_vals[65536]
+cdef uint16_t _pack_idx[65536]
+
+
+cdef bytes _pack(const uint64_t* w, Py_ssize_t count):
+    """The nonzero words of ``w[:count]`` (count <= PACKED_MAX_WORDS), packed."""
+    cdef Py_ssize_t i = 0, k, n = 0
+    cdef uint64_t v
+    cdef uint32_t head[2]
+    cdef bytes out
+    cdef char* p
+    while i < count:
+        # Zero runs (most of a histogram) eight words at a time; within the
+        # others no branch on the data: a word is written, and kept if it is
+        # nonzero (the pattern is too irregular to predict).
+        if i + 8 <= count and not (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]):
+            i += 8
+            continue
+        k = i + 8 if i + 8 <= count else count
+        while i < k:
+            v = w[i]
+            _pack_vals[n] = v
+            _pack_idx[n] = <uint16_t>i
+            n += v != 0
+            i += 1
+    out = PyBytes_FromStringAndSize(NULL, 8 + 10 * n)
+    p = PyBytes_AS_STRING(out)
+    head[0] = <uint32_t>n
+    head[1] = 0
+    memcpy(p, head, 8)
+    memcpy(p + 8, _pack_vals, 8 * n)
+    memcpy(p + 8 + 8 * n, _pack_idx, 2 * n)
+    return out
+
+
 def pack_words(source, Py_ssize_t start, Py_ssize_t count) -> bytes:
     """The nonzero words of ``source[start:start + count]`` (``source``: any
     buffer of u64 words, from word 0), packed."""
     cdef Py_buffer view
-    cdef const uint64_t* w
-    cdef Py_ssize_t i, k, n = 0
-    cdef uint64_t* vals
-    cdef uint16_t* idx
-    cdef uint64_t v
-    cdef bytes out
-    cdef char* p
-    cdef uint32_t head[2]
     if start < 0 or not 0 <= count <= PACKED_MAX_WORDS:
         raise ValueError(f"cannot pack {count} words from word {start}")
     PyObject_GetBuffer(source, &view, PyBUF_SIMPLE)
-    vals = NULL
     try:
         if (start + count) * 8 > view.len:
             raise ValueError(f"cannot pack {count} words from word {start} of {view.len // 8}")
-        w = <const uint64_t*>(<const char*>view.buf + start * 8)
-        vals = <uint64_t*>PyMem_Malloc(count * 10 + 16)
-        if vals == NULL:
-            raise MemoryError()
-        idx = <uint16_t*>(vals + count + 1)
-        i = 0
-        while i < count:
-            # Zero runs (most of a histogram) four words at a time; within
-            # the others no branch on the data: a word is written, and kept
-            # if it is nonzero (the pattern is too irregular to predict).
-            if i + 4 <= count and not (w[i] | w[i + 1] | w[i + 2] | w[i + 3]):
-                i += 4
-                continue
-            k = i + 4 if i + 4 <= count else count
-            while i < k:
-                v = w[i]
-                vals[n] = v
-                idx[n] = <uint16_t>i
-                n += v != 0
-                i += 1
-        out = PyBytes_FromStringAndSize(NULL, 8 + 10 * n)
-        p = PyBytes_AS_STRING(out)
-        head[0] = <uint32_t>n
-        head[1] = 0
-        memcpy(p, head, 8)
-        memcpy(p + 8, vals, 8 * n)
-        memcpy(p + 8 + 8 * n, idx, 2 * n)
-        return out
+        return _pack(<const uint64_t*>(<const char*>view.buf + start * 8), count)
     finally:
-        PyMem_Free(vals)
         PyBuffer_Release(&view)
 
 
@@ -501,3 +549,367 @@ def subtract_packed(into, packed) -> bool:
     """``into[i] -= v`` for each packed word, if no count would go below zero;
     else leaves ``into`` unchanged and returns False."""
     return _apply_packed(into, packed, True) == 1
+
+
+# -- route blocks kept packed, and their sums over processes -------------------
+# What netprofd does for each process at every tick, in one call each: pack
+# the blocks of the routes that moved, and swap them in the running sums.
+
+
+cdef class PackedBlock:
+    """A route block (counters, then histogram buckets: see ``_layout``) as
+    one snapshot read it, kept packed: its nonzero words only, a few hundred
+    bytes where the block is 17 KB (most buckets of a route are empty)."""
+
+    cdef readonly uint64_t count
+    cdef readonly uint64_t max_ns
+    cdef readonly bytes packed
+    cdef bint _ours  # packed here: well-formed, its indexes ascend (not so when made from Python)
+
+    def __init__(self, uint64_t count, uint64_t max_ns, bytes packed not None):
+        self.count = count
+        self.max_ns = max_ns
+        self.packed = packed
+
+    @classmethod
+    def read(cls, words, Py_ssize_t start) -> PackedBlock:
+        """The block at word ``start`` of ``words`` (any buffer of u64 words)."""
+        cdef Py_buffer view
+        cdef const uint64_t* w
+        if start < 0:
+            raise ValueError(f"no route block at word {start}")
+        PyObject_GetBuffer(words, &view, PyBUF_SIMPLE)
+        try:
+            if (start + ROUTE_BLOCK_WORDS) * 8 > view.len:
+                raise ValueError(f"no route block at word {start} of {view.len // 8}")
+            w = <const uint64_t*>view.buf + start
+            return _packed_block(w)
+        finally:
+            PyBuffer_Release(&view)
+
+    def words(self):
+        """The whole block, unpacked (an array of u64)."""
+        words = _array("Q", bytes(ROUTE_BLOCK_WORDS * WORD))
+        _apply_packed(words, self.packed, False)
+        return words
+
+
+cdef PackedBlock _packed_block(const uint64_t* w):
+    cdef PackedBlock block = PackedBlock.__new__(PackedBlock)
+    block.count = w[R_COUNT]
+    block.max_ns = w[R_MAX_NS]
+    block.packed = _pack(w, ROUTE_BLOCK_WORDS)
+    block._ours = True
+    return block
+
+
+def pack_blocks(words, Py_ssize_t route_count, tuple then not None) -> tuple:
+    """The first ``route_count`` route blocks of a statistics area (``words``:
+    any buffer of u64 words, from the area's first word), packed: the block of
+    ``then`` (an earlier reading, by route id) where the count has not moved,
+    else the block read now. A block changes only with its count."""
+    cdef Py_buffer view
+    cdef const uint64_t* w
+    cdef Py_ssize_t r, start, known = len(then)
+    cdef PackedBlock old
+    cdef list out
+    if route_count < 0:
+        raise ValueError(f"cannot pack {route_count} route blocks")
+    PyObject_GetBuffer(words, &view, PyBUF_SIMPLE)
+    try:
+        if (ROUTES_START + route_count * ROUTE_BLOCK_WORDS) * 8 > view.len:
+            raise ValueError(f"{route_count} route blocks do not fit in {view.len // 8} words")
+        w = <const uint64_t*>view.buf
+        out = [None] * route_count
+        for r in range(route_count):
+            start = ROUTES_START + r * ROUTE_BLOCK_WORDS
+            if r < known:
+                old = <PackedBlock?>then[r]
+                if old.count == w[start + R_COUNT]:
+                    out[r] = old
+                    continue
+            out[r] = _packed_block(w + start)
+        return tuple(out)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def replace_blocks(tuple then not None, tuple now not None, sums not None) -> None:
+    """Swap one process's route blocks ``then`` for ``now`` (PackedBlocks by
+    route id; a missing one counts as empty) in ``sums`` (by route id, objects
+    with ``words``, a u64 array of a route block, and ``max_ns``): for each
+    route whose count moved, its block then is subtracted and its block now
+    added; the maximum only grows. ValueError, naming the sum's ``key``, if a
+    subtraction would go below zero (that route's sum left unchanged)."""
+    cdef Py_ssize_t r, n = max(len(then), len(now))
+    cdef PackedBlock old, new
+    cdef Py_buffer dst
+    cdef int done
+    if len(sums) < n:
+        raise ValueError(f"{len(sums)} route sums for {n} routes")
+    for r in range(n):
+        old = <PackedBlock?>then[r] if r < len(then) else None
+        new = <PackedBlock?>now[r] if r < len(now) else None
+        if old is new or (old is not None and new is not None and old.count == new.count):
+            continue
+        target = sums[r]
+        PyObject_GetBuffer(target.words, &dst, PyBUF_WRITABLE)
+        try:
+            done = _swap_packed(<uint64_t*>dst.buf, dst.len // 8,
+                                old.packed if old is not None else _NO_WORDS, old is None or old._ours,
+                                new.packed if new is not None else _NO_WORDS, new is None or new._ours)
+        finally:
+            PyBuffer_Release(&dst)
+        if not done:
+            raise ValueError(f"{target.key}: subtracting a route block that was never added")
+        if new is not None and new.max_ns > target.max_ns:
+            target.max_ns = new.max_ns
+
+
+cdef bytes _NO_WORDS = b"\0" * 8  # packed words: none
+
+
+cdef Py_ssize_t _checked_count(bytes packed, Py_ssize_t limit, bint* ascending) except -1:
+    """As _packed_count, and whether the indexes ascend (as pack_words makes them)."""
+    cdef uint32_t head[2]
+    cdef Py_ssize_t i, n, size = len(packed)
+    cdef const char* p = PyBytes_AS_STRING(packed)
+    cdef const uint16_t* idx
+    if size < 8:
+        raise ValueError("not packed words: shorter than the header")
+    memcpy(head, p, 8)
+    n = head[0]
+    if head[1] != 0 or size != 8 + 10 * n:
+        raise ValueError(f"not packed words: {size} bytes for {n} words")
+    idx = <const uint16_t*>(p + 8 + 8 * n)
+    ascending[0] = True
+    for i in range(n):
+        if idx[i] >= limit:
+            raise ValueError(f"packed word index {idx[i]} out of range for {limit} counts")
+        if i and idx[i] <= idx[i - 1]:
+            ascending[0] = False
+    return n
+
+
+cdef int _swap_packed(uint64_t* w, Py_ssize_t limit, bytes old, bint old_ours, bytes new, bint new_ours) except -1:
+    """``w -= old`` then ``w += new`` (packed words), as subtract_packed then
+    add_packed: 0, ``w`` unchanged, if the subtraction would go below zero.
+    ``*_ours``: packed here (well-formed, indexes ascending), so not checked again."""
+    cdef bint old_up = True, new_up = True
+    cdef Py_ssize_t no, nn, i, j
+    cdef uint64_t a, b
+    if old_ours and new_ours and limit >= ROUTE_BLOCK_WORDS:
+        no = (len(old) - 8) // 10
+        nn = (len(new) - 8) // 10
+    else:
+        no = _checked_count(old, limit, &old_up)
+        nn = _checked_count(new, limit, &new_up)
+    cdef const char* ov = PyBytes_AS_STRING(old) + 8
+    cdef const char* nv = PyBytes_AS_STRING(new) + 8
+    cdef const uint16_t* oi = <const uint16_t*>(ov + 8 * no)
+    cdef const uint16_t* ni = <const uint16_t*>(nv + 8 * nn)
+    if old_up and new_up:
+        return _swap_ascending(w, ov, oi, no, nv, ni, nn)
+    for i in range(no):
+        memcpy(&a, ov + 8 * i, 8)
+        if w[oi[i]] < a:
+            return 0
+    for i in range(no):
+        memcpy(&a, ov + 8 * i, 8)
+        w[oi[i]] -= a
+    for j in range(nn):
+        memcpy(&b, nv + 8 * j, 8)
+        w[ni[j]] += b
+    return 1
+
+
+cdef int _swap_ascending(uint64_t* w, const char* ov, const uint16_t* oi, Py_ssize_t no,
+                         const char* nv, const uint16_t* ni, Py_ssize_t nn) noexcept:
+    """_swap_packed for indexes that ascend: one walk through both, in step
+    (a word is checked before anything changed it: its index is met once)."""
+    cdef Py_ssize_t i = 0, j = 0
+    cdef uint16_t k
+    cdef uint64_t a, b, x
+    while i < no:
+        k = oi[i]
+        while j < nn and ni[j] < k:
+            memcpy(&b, nv + 8 * j, 8)
+            w[ni[j]] += b
+            j += 1
+        memcpy(&a, ov + 8 * i, 8)
+        x = w[k]
+        if x < a:
+            # Undo what was done (additions mod 2**64 commute).
+            while i > 0:
+                i -= 1
+                memcpy(&a, ov + 8 * i, 8)
+                w[oi[i]] += a
+            while j > 0:
+                j -= 1
+                memcpy(&b, nv + 8 * j, 8)
+                w[ni[j]] -= b
+            return 0
+        if j < nn and ni[j] == k:
+            memcpy(&b, nv + 8 * j, 8)
+            j += 1
+            w[k] = x - a + b
+        else:
+            w[k] = x - a
+        i += 1
+    while j < nn:
+        memcpy(&b, nv + 8 * j, 8)
+        w[ni[j]] += b
+        j += 1
+    return 1
+
+
+# Where read_blocks reads one route block (the GIL is held: one serves all).
+cdef uint64_t _block_buf[4096]
+if ROUTE_BLOCK_WORDS > 4096:
+    raise ImportError("a route block is larger than read_blocks' buffer")
+
+
+cdef int _pread_exact(int fd, void* buf, Py_ssize_t size, Py_ssize_t offset) except -1:
+    cdef ssize_t got
+    while True:
+        got = pread(fd, buf, <size_t>size, <off_t>offset)
+        if got >= 0 or errno != EINTR:
+            break
+        PyErr_CheckSignals()  # as os.pread: a signal handler may raise
+    if got < 0:
+        PyErr_SetFromErrno(OSError)
+        return -1
+    if got != size:
+        raise ValueError(f"truncated while being read: {got} of {size} bytes at {offset}")
+    return 0
+
+
+def read_packed(int fd, Py_ssize_t offset, Py_ssize_t count) -> bytes:
+    """The nonzero words of the ``count`` u64 words at byte ``offset`` of the
+    file ``fd``, packed (as ``pack_words``). ValueError if the file is shorter."""
+    if offset < 0 or not 0 <= count <= 4096:
+        raise ValueError(f"cannot read {count} words at {offset}")
+    _pread_exact(fd, _block_buf, count * WORD, offset)
+    return _pack(_block_buf, count)
+
+
+def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then not None,
+                bint moved=False) -> tuple:
+    """What ``pack_blocks`` gives for the statistics area at byte ``offset``
+    of the file ``fd``, reading only what it needs: each route's counters,
+    then, for a route whose count moved since ``then``, its histogram up to
+    the bucket of its maximum (those above are empty: each duration counted
+    is at most the maximum). ``moved``: most routes are expected to have
+    moved, so a route's counters and its histogram up to its maximum then
+    (a route not in ``then``: up to the highest maximum's bucket read so
+    far) are read at once (one read instead of two). Consistent only between two
+    equal reads of the sequence counter, as any read of the area. ValueError
+    if the file is shorter."""
+    cdef Py_ssize_t r, at, top, got, known = len(then), highest = ROUTE_HEADER_WORDS
+    cdef uint64_t count, max_ns
+    cdef bytes packed
+    cdef PackedBlock old, block
+    cdef list out
+    if offset < 0 or route_count < 0:
+        raise ValueError(f"cannot read {route_count} route blocks at {offset}")
+    out = [None] * route_count
+    for r in range(route_count):
+        at = offset + (ROUTES_START + r * ROUTE_BLOCK_WORDS) * WORD
+        old = <PackedBlock?>then[r] if r < known else None
+        got = ROUTE_HEADER_WORDS
+        if moved:
+            got = ROUTE_HEADER_WORDS + <Py_ssize_t>bucket_index(old.max_ns) + 1 if old is not None else highest
+        _pread_exact(fd, _block_buf, got * WORD, at)
+        if old is not None and old.count == _block_buf[R_COUNT]:
+            out[r] = old
+            continue
+        # No record, no bucket: a route never used (the overflow route, mostly) is its counters.
+        top = ROUTE_HEADER_WORDS + (<Py_ssize_t>bucket_index(_block_buf[R_MAX_NS]) + 1 if _block_buf[R_COUNT] else 0)
+        if top > got:
+            _pread_exact(fd, _block_buf + got, (top - got) * WORD, at + got * WORD)
+        highest = max(highest, top)
+        # Everything taken from the shared buffer before an object is made
+        # (making one may run a collection, and finalizers, that read too).
+        count = _block_buf[R_COUNT]
+        max_ns = _block_buf[R_MAX_NS]
+        packed = _pack(_block_buf, top)
+        block = PackedBlock.__new__(PackedBlock)
+        block.count = count
+        block.max_ns = max_ns
+        block.packed = packed
+        block._ours = True
+        out[r] = block
+    return tuple(out)
+
+
+def read_live(int fd, Py_ssize_t offset, uint64_t seq, Py_ssize_t route_count, tuple then not None,
+              uint64_t requests_then=0, overhead_count_then=None):
+    """The global words (a tuple), the route blocks (``read_blocks``) and the
+    overhead histogram, packed (None when its count is still
+    ``overhead_count_then``), of the statistics area at byte ``offset`` of
+    the file ``fd``, if its sequence counter, ``seq`` when read before
+    (even), is still ``seq`` after reading them; else None. ``requests_then``:
+    the requests counted when ``then`` was read (to tell whether most routes
+    moved). The overhead histogram is read up to the bucket of its maximum."""
+    cdef uint64_t g[16]
+    cdef uint64_t after
+    cdef Py_ssize_t i
+    if GLOBAL_WORDS != 16:
+        raise ValueError("the global words are not 16")
+    _pread_exact(fd, g, GLOBAL_WORDS * WORD, offset)
+    globals_ = tuple([g[i] for i in range(GLOBAL_WORDS)])
+    # Records enough to have moved most routes (as the daemon's every-route tick).
+    blocks = read_blocks(fd, offset, route_count, then, 2 * (g[G_NEXT_INDEX] - requests_then) >= <uint64_t>route_count)
+    overhead = None
+    if overhead_count_then is None or g[G_OVERHEAD_COUNT] != <uint64_t>overhead_count_then:
+        overhead = read_packed(fd, offset + OVERHEAD_HIST * WORD, <Py_ssize_t>bucket_index(g[G_OVERHEAD_MAX_NS]) + 1)
+    _pread_exact(fd, &after, WORD, offset + G_SEQ * WORD)
+    if after != seq:
+        return None
+    return globals_, blocks, overhead
+
+
+# -- liveness of a writer: what the daemon asks of each idle process per tick --
+
+
+def proc_start_ticks(pid_number: int):
+    """The start time of ``pid`` in clock ticks since boot (/proc), None if
+    it is gone or a zombie (it has ended; only its exit status waits)."""
+    cdef long long pid
+    cdef char path[48]
+    cdef char buf[4096]
+    cdef int fd
+    cdef ssize_t n
+    cdef Py_ssize_t i, close_paren = -1, field = 0
+    if not 0 <= pid_number < 2**63:
+        return None
+    pid = pid_number
+    snprintf(path, sizeof(path), b"/proc/%lld/stat", pid)
+    fd = c_open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0:
+        return None
+    n = c_read(fd, buf, sizeof(buf))
+    c_close(fd)
+    if n < 0:
+        return None
+    # The command name may hold spaces and parentheses: fields follow the last ')'.
+    for i in range(n):
+        if buf[i] == b')':
+            close_paren = i
+    if close_paren < 0:
+        raise ValueError("no ')' in /proc/<pid>/stat")
+    i = close_paren + 2
+    if i >= n:
+        raise IndexError("no state in /proc/<pid>/stat")
+    if buf[i] == b'Z' or buf[i] == b'X':
+        return None
+    # Field 19 after the state (starttime), each field separated by one space.
+    while field < 19:
+        while i < n and buf[i] != b' ':
+            i += 1
+        while i < n and buf[i] == b' ':
+            i += 1
+        field += 1
+    if i >= n:
+        raise IndexError("no start time in /proc/<pid>/stat")
+    return int(buf[i:n].split(None, 1)[0])

@@ -6,6 +6,7 @@ Both apply the same updates, in the same order, to the segment described in
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -102,6 +103,9 @@ class RecorderCore:
             slow = self._record(route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
         if slow and self._on_slow is not None:
             self._log_slow(route_id, end_ns - start_ns, status, end_ns)
+
+    # The Cython core's entry for compiled hooks, which pass C integers; the same call here.
+    record_ints = record
 
     def _record(
         self,
@@ -387,3 +391,222 @@ def subtract_packed(into: array[int], packed: object) -> bool:
     for i, v in zip(idx, vals):
         into[i] -= v
     return True
+
+
+# -- route blocks kept packed, and their sums over processes -------------------
+# What netprofd does for each process at every tick, in one call each: pack
+# the blocks of the routes that moved, and swap them in the running sums.
+
+
+class PackedBlock:
+    """A route block (counters, then histogram buckets: see ``_layout``) as
+    one snapshot read it, kept packed: its nonzero words only, a few hundred
+    bytes where the block is 17 KB (most buckets of a route are empty)."""
+
+    __slots__ = ("count", "max_ns", "packed")
+
+    def __init__(self, count: int, max_ns: int, packed: bytes) -> None:
+        if not isinstance(packed, bytes):  # as the C twin's typed attribute
+            raise TypeError(f"packed must be bytes, not {type(packed).__name__}")
+        if not (0 <= count <= MASK64 and 0 <= max_ns <= MASK64):
+            raise OverflowError("count and max_ns are u64")
+        self.count = count
+        self.max_ns = max_ns
+        self.packed = packed
+
+    @classmethod
+    def read(cls, words: object, start: int) -> PackedBlock:
+        """The block at word ``start`` of ``words`` (any buffer of u64 words)."""
+        if start < 0:
+            raise ValueError(f"no route block at word {start}")
+        raw = memoryview(words).cast("B")  # type: ignore[arg-type]
+        if (start + L.ROUTE_BLOCK_WORDS) * 8 > len(raw):
+            raise ValueError(f"no route block at word {start} of {len(raw) // 8}")
+        return _packed_block(raw[start * 8 : (start + L.ROUTE_BLOCK_WORDS) * 8].cast("Q"))
+
+    def words(self) -> array[int]:
+        """The whole block, unpacked (an array of u64)."""
+        words = array("Q", bytes(L.ROUTE_BLOCK_WORDS * L.WORD))
+        add_packed(words, self.packed)
+        return words
+
+
+def _packed_block(block: memoryview) -> PackedBlock:
+    """``block``: one route block's u64 words."""
+    return PackedBlock(block[L.R_COUNT], block[L.R_MAX_NS], pack_words(block, 0, L.ROUTE_BLOCK_WORDS))
+
+
+def pack_blocks(words: object, route_count: int, then: tuple[PackedBlock, ...]) -> tuple[PackedBlock, ...]:
+    """The first ``route_count`` route blocks of a statistics area (``words``:
+    any buffer of u64 words, from the area's first word), packed: the block of
+    ``then`` (an earlier reading, by route id) where the count has not moved,
+    else the block read now. A block changes only with its count."""
+    if not isinstance(then, tuple):
+        raise TypeError(f"then must be a tuple, not {type(then).__name__}")
+    if route_count < 0:
+        raise ValueError(f"cannot pack {route_count} route blocks")
+    raw = memoryview(words).cast("B")  # type: ignore[arg-type]
+    if (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * 8 > len(raw):
+        raise ValueError(f"{route_count} route blocks do not fit in {len(raw) // 8} words")
+    w = raw.cast("Q")
+    out = []
+    for r in range(route_count):
+        start = L.ROUTES_START + r * L.ROUTE_BLOCK_WORDS
+        if r < len(then):
+            old = then[r]
+            if not isinstance(old, PackedBlock):
+                raise TypeError(f"then[{r}] is not a PackedBlock")
+            if old.count == w[start + L.R_COUNT]:
+                out.append(old)
+                continue
+        out.append(_packed_block(w[start : start + L.ROUTE_BLOCK_WORDS]))
+    return tuple(out)
+
+
+def replace_blocks(then: tuple[PackedBlock, ...], now: tuple[PackedBlock, ...], sums: Any) -> None:
+    """Swap one process's route blocks ``then`` for ``now`` (PackedBlocks by
+    route id; a missing one counts as empty) in ``sums`` (by route id, objects
+    with ``words``, a u64 array of a route block, and ``max_ns``): for each
+    route whose count moved, its block then is subtracted and its block now
+    added; the maximum only grows. ValueError, naming the sum's ``key``, if a
+    subtraction would go below zero (that route's sum left unchanged)."""
+    if not isinstance(then, tuple) or not isinstance(now, tuple):
+        raise TypeError("then and now must be tuples")
+    n = max(len(then), len(now))
+    if len(sums) < n:
+        raise ValueError(f"{len(sums)} route sums for {n} routes")
+    for r in range(n):
+        old = then[r] if r < len(then) else None
+        new = now[r] if r < len(now) else None
+        for block in (old, new):
+            if block is not None and not isinstance(block, PackedBlock):
+                raise TypeError(f"route {r}: not a PackedBlock")
+        if old is new or (old is not None and new is not None and old.count == new.count):
+            continue
+        target = sums[r]
+        if old is not None and not subtract_packed(target.words, old.packed):
+            raise ValueError(f"{target.key}: subtracting a route block that was never added")
+        if new is not None:
+            add_packed(target.words, new.packed)
+            target.max_ns = max(target.max_ns, new.max_ns)
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise ValueError(f"truncated while being read: {len(data)} of {size} bytes at {offset}")
+    return data
+
+
+def read_packed(fd: int, offset: int, count: int) -> bytes:
+    """The nonzero words of the ``count`` u64 words at byte ``offset`` of the
+    file ``fd``, packed (as ``pack_words``). ValueError if the file is shorter."""
+    if offset < 0 or not 0 <= count <= 4096:
+        raise ValueError(f"cannot read {count} words at {offset}")
+    return pack_words(_pread_exact(fd, count * L.WORD, offset), 0, count)
+
+
+def read_blocks(
+    fd: int, offset: int, route_count: int, then: tuple[PackedBlock, ...], moved: bool = False
+) -> tuple[PackedBlock, ...]:
+    """What ``pack_blocks`` gives for the statistics area at byte ``offset``
+    of the file ``fd``, reading only what it needs: each route's counters,
+    then, for a route whose count moved since ``then``, its histogram up to
+    the bucket of its maximum (those above are empty: each duration counted
+    is at most the maximum). ``moved``: most routes are expected to have
+    moved, so a route's counters and its histogram up to its maximum then
+    (a route not in ``then``: up to the highest maximum's bucket read so
+    far) are read at once (one read instead of two). Consistent only between two
+    equal reads of the sequence counter, as any read of the area. ValueError
+    if the file is shorter."""
+    if not isinstance(then, tuple):
+        raise TypeError(f"then must be a tuple, not {type(then).__name__}")
+    if offset < 0 or route_count < 0:
+        raise ValueError(f"cannot read {route_count} route blocks at {offset}")
+    out = []
+    highest = L.ROUTE_HEADER_WORDS
+    for r in range(route_count):
+        at = offset + (L.ROUTES_START + r * L.ROUTE_BLOCK_WORDS) * L.WORD
+        old = then[r] if r < len(then) else None
+        if old is not None and not isinstance(old, PackedBlock):
+            raise TypeError(f"then[{r}] is not a PackedBlock")
+        got = L.ROUTE_HEADER_WORDS
+        if moved:
+            got = L.ROUTE_HEADER_WORDS + L.bucket_index(old.max_ns) + 1 if old is not None else highest
+        data = _pread_exact(fd, got * L.WORD, at)
+        count, max_ns = (
+            L.U64.unpack_from(data, L.R_COUNT * L.WORD)[0],
+            L.U64.unpack_from(data, L.R_MAX_NS * L.WORD)[0],
+        )
+        if old is not None and old.count == count:
+            out.append(old)
+            continue
+        # No record, no bucket: a route never used (the overflow route, mostly) is its counters.
+        top = L.ROUTE_HEADER_WORDS + (L.bucket_index(max_ns) + 1 if count else 0)
+        if top > got:
+            data += _pread_exact(fd, (top - got) * L.WORD, at + got * L.WORD)
+        highest = max(highest, top)
+        out.append(PackedBlock(count, max_ns, pack_words(data, 0, top)))
+    return tuple(out)
+
+
+_GLOBALS = struct.Struct(f"<{L.GLOBAL_WORDS}Q")
+
+
+def read_live(
+    fd: int,
+    offset: int,
+    seq: int,
+    route_count: int,
+    then: tuple[PackedBlock, ...],
+    requests_then: int = 0,
+    overhead_count_then: int | None = None,
+) -> tuple[tuple[int, ...], tuple[PackedBlock, ...], bytes | None] | None:
+    """The global words (a tuple), the route blocks (``read_blocks``) and the
+    overhead histogram, packed (None when its count is still
+    ``overhead_count_then``), of the statistics area at byte ``offset`` of
+    the file ``fd``, if its sequence counter, ``seq`` when read before
+    (even), is still ``seq`` after reading them; else None. ``requests_then``:
+    the requests counted when ``then`` was read (to tell whether most routes
+    moved). The overhead histogram is read up to the bucket of its maximum."""
+    if not (0 <= seq <= MASK64 and 0 <= requests_then <= MASK64):
+        raise OverflowError("seq and requests_then are u64")
+    if overhead_count_then is not None and not 0 <= overhead_count_then <= MASK64:
+        raise OverflowError("overhead_count_then is u64")
+    globals_ = _GLOBALS.unpack(_pread_exact(fd, L.GLOBAL_WORDS * L.WORD, offset))
+    # Records enough to have moved most routes (as the daemon's every-route tick).
+    moved = (2 * (globals_[L.G_NEXT_INDEX] - requests_then)) & MASK64 >= route_count  # u64, as the C twin
+    blocks = read_blocks(fd, offset, route_count, then, moved)
+    overhead = None
+    if overhead_count_then is None or globals_[L.G_OVERHEAD_COUNT] != overhead_count_then:
+        overhead = read_packed(
+            fd, offset + L.OVERHEAD_HIST * L.WORD, L.bucket_index(globals_[L.G_OVERHEAD_MAX_NS]) + 1
+        )
+    if L.U64.unpack(_pread_exact(fd, L.WORD, offset + L.G_SEQ * L.WORD))[0] != seq:
+        return None
+    return globals_, blocks, overhead
+
+
+# -- liveness of a writer: what the daemon asks of each idle process per tick --
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (/proc), None if
+    it is gone or a zombie (it has ended; only its exit status waits)."""
+    if not 0 <= pid < 2**63:
+        return None
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # The command name may hold spaces and parentheses: fields follow the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])

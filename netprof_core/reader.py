@@ -16,12 +16,12 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _layout as L
-from ._recorder import add_counts
+from ._recorder import add_counts, core_module
 from .control import ControlState, SegmentControl, read_control_words
 from .histogram import Histogram, add_packed, pack_words, subtract_packed
 from .log import segment_logger
@@ -42,17 +42,28 @@ __all__ = (
     "read_segments",
 )
 
+if TYPE_CHECKING:
+    from ._recorder_py import PackedBlock, pack_blocks, read_live
+else:  # the live core's: a C type where the Cython core is in use
+    _core = core_module()
+    PackedBlock, pack_blocks, read_live = _core.PackedBlock, _core.pack_blocks, _core.read_live
+
 _T = TypeVar("_T")
 LIVE_ATTEMPTS = 3
 RING_CHUNK_SLOTS = 4096
 _ERROR_KINDS = tuple(L.ErrorKind)
 _CONTROL = struct.Struct(f"<{L.CONTROL_WORDS}Q")
+_GLOBALS = struct.Struct(f"<{L.GLOBAL_WORDS}Q")
 # What snapshot() and refresh() read before the statistics, in one pread:
 # closed_ns (header), the control block, the route table's count words.
 _META_START = L.CLOSED_NS_OFFSET
 _META_SIZE = L.ROUTES_OFFSET + L.ROUTE_TABLE_STRUCT.size - _META_START
 _META_STRUCT = struct.Struct(f"<Q{L.CONTROL_OFFSET - L.CLOSED_NS_OFFSET - L.WORD}x{L.CONTROL_WORDS}QQQ")
 _BLOCK_BYTES = L.ROUTE_BLOCK_WORDS * L.WORD
+# poll() reads from the meta words to the live sequence counter in one go when
+# the route table between them is this small (24 routes: 9 KB): one read of a
+# few KB costs less than two calls.
+_POLL_MAX_BYTES = 16384
 # Shared across readers (bounded): route names and control states repeat
 # from one process of an application to the next.
 _CACHE_LIMIT = 1024
@@ -127,32 +138,6 @@ class RouteStats:
             error_kinds=tuple(a + b for a, b in zip(self.error_kinds, other.error_kinds)),
             histogram=self.histogram + other.histogram,
         )
-
-
-class PackedBlock:
-    """A route block (counters, then histogram buckets: see ``_layout``) as
-    one snapshot read it, kept packed: its nonzero words only, a few hundred
-    bytes where the block is 17 KB (most buckets of a route are empty)."""
-
-    __slots__ = ("count", "max_ns", "packed")
-
-    def __init__(self, count: int, max_ns: int, packed: bytes) -> None:
-        self.count = count
-        self.max_ns = max_ns
-        self.packed = packed
-
-    @classmethod
-    def read(cls, words: memoryview, start: int) -> PackedBlock:
-        """The block at word ``start`` of ``words`` (u64 words)."""
-        return cls(
-            words[start + L.R_COUNT], words[start + L.R_MAX_NS], pack_words(words, start, L.ROUTE_BLOCK_WORDS)
-        )
-
-    def words(self) -> array[int]:
-        """The whole block, unpacked."""
-        words = array("Q", bytes(_BLOCK_BYTES))
-        add_packed(words, self.packed)
-        return words
 
 
 class RouteSums:
@@ -308,10 +293,17 @@ class SegmentReader:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, mapped: tuple[mmap.mmap, SegmentHeader] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mapped: tuple[mmap.mmap, SegmentHeader] | None = None,
+        poll: bool = False,
     ) -> None:
-        """``mapped``: a buffer and header the caller already holds, and closes."""
+        """``mapped``: a buffer and header the caller already holds, and closes.
+        ``poll``: set :attr:`polled` to what :meth:`poll` returns, read with
+        the header (one read less for a caller that polls at once)."""
         self.path = os.fspath(path)
+        self.polled: tuple[tuple[int, tuple[int, ...], int, int], int] | None = None
         self._keys: tuple[RouteKey, ...] = ()
         self._control_seen: tuple[tuple[int, ...], ControlState] | None = None
         self._owns_buffer = mapped is None
@@ -323,13 +315,21 @@ class SegmentReader:
             self._buf, self.header = mapped
             self._control = SegmentControl(self._buf, self.header)
         else:
-            self._open(self.path)
+            head = self._open(self.path, _POLL_MAX_BYTES if poll else L.HEADER_SIZE)
         self.layout = self.header.layout
         # Offsets the layout computes on each use, asked for at every tick.
         self._live = self.layout.live_offset
         self._route_slots = self.layout.route_slots
+        if poll:
+            size = self._live + L.WORD - _META_START
+            if mapped is None and _META_START + size <= len(head):
+                self.polled = self._polled(memoryview(head)[_META_START:], size)
+            else:
+                self.polled = self.poll()
 
-    def _open(self, path: str) -> None:
+    def _open(self, path: str, head_size: int) -> bytes:
+        """Open the file and read its header (in the first ``head_size``
+        bytes read, returned)."""
         # O_NONBLOCK: a FIFO named like a segment must not hang the caller.
         flags = os.O_NONBLOCK | os.O_CLOEXEC
         try:
@@ -347,11 +347,13 @@ class SegmentReader:
                 raise SegmentError(path, "not a regular file")
             if info.st_size < L.HEADER_SIZE:
                 raise SegmentError(path, f"truncated: {info.st_size} bytes, shorter than a header")
-            self.header = parse_header(os.pread(fd, L.HEADER_SIZE, 0), path, file_size=info.st_size)
+            head = os.pread(fd, head_size, 0)
+            self.header = parse_header(head, path, file_size=info.st_size)
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+        return head
 
     def _read(self, offset: int, size: int) -> bytes:
         if self._fd is None:
@@ -427,6 +429,20 @@ class SegmentReader:
         values = _META_STRUCT.unpack(self._read(_META_START, _META_SIZE))
         return values[0], values[1:-2], values[-2], values[-1]
 
+    def poll(self) -> tuple[tuple[int, tuple[int, ...], int, int], int]:
+        """:meth:`meta` and :meth:`live_sequence` (what a tick asks of every
+        process), in one read where the route table between them is small."""
+        size = self._live + L.WORD - _META_START
+        if self._fd is None or size > _POLL_MAX_BYTES:
+            return self.meta(), self.live_sequence()
+        return self._polled(self._read(_META_START, size), size)
+
+    @staticmethod
+    def _polled(data: bytes | memoryview, size: int) -> tuple[tuple[int, tuple[int, ...], int, int], int]:
+        """What poll() returns, from the ``size`` bytes it reads, in ``data``."""
+        values = _META_STRUCT.unpack_from(data)
+        return (values[0], values[1:-2], values[-2], values[-1]), L.U64.unpack_from(data, size - L.WORD)[0]
+
     def snapshot(
         self,
         *,
@@ -435,14 +451,18 @@ class SegmentReader:
         timeout: float = 1.0,
         now_ns: int | None = None,
         alive: bool | None = None,
+        meta: tuple[int, tuple[int, ...], int, int] | None = None,
+        sequence: int | None = None,
     ) -> SegmentSnapshot:
         """A consistent snapshot. ``routes=False`` leaves ``routes`` empty (sum
         :meth:`SegmentSnapshot.route_blocks` instead: no object per route);
-        ``alive``: whether the writer is alive, when the caller just checked."""
+        ``alive``: whether the writer is alive, when the caller just checked.
+        ``meta`` and ``sequence``: what :meth:`poll` returned just now, when
+        the caller has it."""
         # Only the route blocks in use are copied. The count is read before the
         # copy: a route is named before the count that makes it visible is
         # raised, and one interned during the copy shows at the next snapshot.
-        closed_ns, control_words, route_count, overflowed = self.meta()
+        closed_ns, control_words, route_count, overflowed = self.meta() if meta is None else meta
         if not 1 <= route_count <= self._route_slots:
             raise SegmentError(
                 self.path, f"corrupt route table: {route_count} routes in {self._route_slots} slots"
@@ -452,28 +472,45 @@ class SegmentReader:
         # everything it will ever write.
         if alive is None and not closed_ns:
             alive = process_alive(header.pid, header.start_ticks)
-        stats, source, complete = self._consistent_stats(
-            timeout, (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD
-        )
-        words = stats.cast("Q")
+        keys = self._route_keys(route_count)
+        sparse = None
+        if not routes:  # only what the daemon keeps: read no more than that (see read_blocks)
+            for _ in range(LIVE_ATTEMPTS):
+                seq = self._word(self._live) if sequence is None else sequence
+                sequence = None
+                if not seq & 1:
+                    sparse = self._read_live(seq, route_count, (), None)
+                    if sparse is not None:
+                        break
+        built: tuple[RouteStats, ...] = ()
+        if sparse is not None:
+            globals_, overhead, blocks = sparse
+            source, complete = "live", True
+        else:
+            stats, source, complete = self._consistent_stats(
+                timeout,
+                (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD,
+                0 if not routes else LIVE_ATTEMPTS,  # the live area was just tried
+            )
+            with stats, stats.cast("Q") as words:  # the scratch buffer is free again after
+                built = (
+                    tuple(
+                        _route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys)
+                    )
+                    if routes
+                    else ()
+                )
+                overhead = _packed_histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS])
+                globals_ = tuple(words[: L.GLOBAL_WORDS])
+                # Packed copies: a later refresh() keeps the unchanged ones.
+                blocks = pack_blocks(words, route_count, ())
         if source == "live" and (closed_ns or not alive):
             # Closing at exit is best effort (a process killed by a signal
             # skips it): a writer that is gone is gone either way.
             source = "final"
         control_words, control = self._control_state(control_words)
-        keys = self._route_keys(route_count)
-        built = (
-            tuple(_route_stats(words, self.layout, route_id, key) for route_id, key in enumerate(keys))
-            if routes
-            else ()
-        )
-        overhead = _packed_histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS])
-        counters = _counters(words, overflowed, control_words, overhead)
-        # Packed copies: a later refresh() keeps the unchanged ones.
-        blocks = tuple(PackedBlock.read(words, layout_start) for layout_start in _block_starts(route_count))
-        next_index = words[L.G_NEXT_INDEX]
-        words.release()
-        stats.release()  # the scratch buffer is free again (records are read into it)
+        counters = _counters(globals_, overflowed, control_words, overhead)
+        next_index = globals_[L.G_NEXT_INDEX]
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(next_index, control, keys, now) if records else ()
         return SegmentSnapshot(
@@ -509,42 +546,19 @@ class SegmentReader:
         that, a full snapshot (which can ask it to publish). ``meta``: what
         :meth:`meta` returned just now, and ``sequence`` the
         :meth:`live_sequence` read after it, when the caller has them."""
-        live = self._live
         closed_ns, control_words, route_count, overflowed = self.meta() if meta is None else meta
         then = previous.blocks
         if not 1 <= route_count <= self._route_slots or len(then) > route_count:
             return self.snapshot(records=False, routes=False, alive=True)
         for _ in range(attempts):
-            seq = self._word(live) if sequence is None else sequence
+            seq = self._word(self._live) if sequence is None else sequence
             sequence = None
             if seq & 1:
                 continue
-            globals_ = memoryview(self._read(live, L.GLOBAL_WORDS * L.WORD)).cast("Q")
-            timed = globals_[L.G_OVERHEAD_COUNT] != previous.counters.overhead_count
-            if 2 * (globals_[L.G_NEXT_INDEX] - previous.counters.requests) >= route_count:
-                # Records enough to have moved most routes: one read of the
-                # whole area costs less than a read of each count, then of each block.
-                size = (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD
-                with self._read_into(live, size).cast("Q") as words:
-                    overhead = (
-                        _packed_histogram(words, L.OVERHEAD_HIST, globals_[L.G_OVERHEAD_MAX_NS])
-                        if timed
-                        else previous.counters.overhead_histogram
-                    )
-                    blocks = [
-                        then[route_id]
-                        if route_id < len(then) and words[start + L.R_COUNT] == then[route_id].count
-                        else PackedBlock.read(words, start)
-                        for route_id, start in enumerate(_block_starts(route_count))
-                    ]
-            else:
-                overhead = previous.counters.overhead_histogram
-                if timed:
-                    with self._read_into(live, L.ROUTES_START * L.WORD).cast("Q") as words:
-                        overhead = _packed_histogram(words, L.OVERHEAD_HIST, globals_[L.G_OVERHEAD_MAX_NS])
-                blocks = self._changed_blocks(live, then, route_count)
-            if self._word(live) != seq:
+            got = self._read_live(seq, route_count, then, previous.counters)
+            if got is None:
                 continue  # written meanwhile: the reads may not agree
+            globals_, overhead, blocks = got
             control_words, control = self._control_state(control_words)
             return SegmentSnapshot(
                 self.path,
@@ -556,25 +570,59 @@ class SegmentReader:
                 time.time_ns(),
                 "final" if closed_ns else "live",
                 True,
-                tuple(blocks),
+                blocks,
                 self._route_keys(route_count),
                 control_words,
             )
         return self.snapshot(records=False, routes=False, alive=True)
 
-    def _changed_blocks(
-        self, live: int, then: tuple[PackedBlock, ...], route_count: int
-    ) -> list[PackedBlock]:
-        """Each route's block: ``then``'s where the count has not moved, else read."""
-        blocks = []
-        for route_id, start in enumerate(_block_starts(route_count)):
-            offset = live + start * L.WORD
-            if route_id < len(then) and self._word(offset + L.R_COUNT * L.WORD) == then[route_id].count:
-                blocks.append(then[route_id])
-                continue
-            with self._read_into(offset, _BLOCK_BYTES).cast("Q") as words:
-                blocks.append(PackedBlock.read(words, 0))
-        return blocks
+    def _read_live(
+        self, seq: int, route_count: int, then: tuple[PackedBlock, ...], earlier: Counters | None
+    ) -> tuple[tuple[int, ...], Histogram, tuple[PackedBlock, ...]] | None:
+        """The live area's global words, overhead histogram and first
+        ``route_count`` route blocks, if its sequence counter is still ``seq``
+        (even, read before) after reading them; else None. Reads only what
+        moved since ``then`` (blocks by route id) and ``earlier`` (counters)."""
+        live = self._live
+        if self._fd is None:  # a buffer the caller mapped: copied, then packed
+            globals_: tuple[int, ...] = _GLOBALS.unpack(self._read(live, L.GLOBAL_WORDS * L.WORD))
+            size = (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD
+            with self._read_into(live, size).cast("Q") as words:
+                blocks = pack_blocks(words, route_count, then)
+        else:
+            try:
+                got = read_live(
+                    self._fd,
+                    live,
+                    seq,
+                    route_count,
+                    then,
+                    0 if earlier is None else earlier.requests,
+                    None if earlier is None else earlier.overhead_count,
+                )
+            except ValueError as exc:  # a short read
+                raise SegmentError(self.path, str(exc)) from None
+            if got is None:
+                return None
+            globals_, blocks, packed = got
+            if packed is None:  # no record timed since ``earlier``
+                return globals_, earlier.overhead_histogram, blocks  # type: ignore[union-attr]
+            return globals_, Histogram.from_packed(packed, globals_[L.G_OVERHEAD_MAX_NS]), blocks
+        # The overhead histogram moves only when a record was timed; read after
+        # the rest, under the same counter.
+        if earlier is not None and globals_[L.G_OVERHEAD_COUNT] == earlier.overhead_count:
+            return globals_, earlier.overhead_histogram, blocks
+        overhead = self._overhead_histogram(globals_[L.G_OVERHEAD_MAX_NS])
+        if self._word(live) != seq:
+            return None
+        return globals_, overhead, blocks
+
+    def _overhead_histogram(self, max_ns: int) -> Histogram:
+        """The live overhead histogram, read up to the bucket of its maximum
+        (those above are empty)."""
+        count = L.bucket_index(max_ns) + 1
+        offset = self._live + L.OVERHEAD_HIST * L.WORD
+        return Histogram.from_packed(pack_words(self._read(offset, count * L.WORD), 0, count), max_ns)
 
     def _control_state(self, words: tuple[int, ...]) -> tuple[tuple[int, ...], ControlState]:
         """The control block's words and state; most snapshots see the
@@ -641,11 +689,13 @@ class SegmentReader:
     def _word(self, offset: int) -> int:
         return L.U64.unpack(self._read(offset, L.WORD))[0]  # type: ignore[no-any-return]
 
-    def _consistent_stats(self, timeout: float, size: int) -> tuple[memoryview, str, bool]:
+    def _consistent_stats(
+        self, timeout: float, size: int, live_attempts: int = LIVE_ATTEMPTS
+    ) -> tuple[memoryview, str, bool]:
         """A consistent copy of the statistics (in the scratch buffer), where it
         came from, and whether it is complete."""
         live = self._live
-        for _ in range(LIVE_ATTEMPTS):
+        for _ in range(live_attempts):
             data = self._copy_stats(live, size)
             if data is not None:
                 return data, "live", True
@@ -744,24 +794,24 @@ def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key:
 
 
 def _counters(
-    words: memoryview, overflowed: int, control_words: tuple[int, ...], overhead: Histogram
+    words: Sequence[int], overflowed: int, control_words: tuple[int, ...], overhead: Histogram
 ) -> Counters:
     """The segment-wide counters, from the statistics' global words."""
-    return Counters(
-        requests=words[L.G_NEXT_INDEX],
-        sampled_out=words[L.G_SAMPLED_OUT],
-        disabled_calls=words[L.G_DISABLED_CALLS],
-        internal_errors=words[L.G_INTERNAL_ERRORS],
-        auto_disable_events=words[L.G_AUTO_DISABLE_EVENTS],
-        overflowed_routes=overflowed,
-        overhead_count=words[L.G_OVERHEAD_COUNT],
-        overhead_sum_ns=words[L.G_OVERHEAD_SUM_NS],
-        overhead_max_ns=words[L.G_OVERHEAD_MAX_NS],
+    return Counters(  # by position: made at every tick for every process that recorded
+        words[L.G_NEXT_INDEX],
+        words[L.G_SAMPLED_OUT],
+        words[L.G_DISABLED_CALLS],
+        words[L.G_INTERNAL_ERRORS],
+        words[L.G_AUTO_DISABLE_EVENTS],
+        overflowed,
+        words[L.G_OVERHEAD_COUNT],
+        words[L.G_OVERHEAD_SUM_NS],
+        words[L.G_OVERHEAD_MAX_NS],
         # A pending reset clears the count at the next error; it counts as done.
-        consecutive_errors=0
+        0
         if control_words[L.C_RESET_ERRORS_REQUEST] != words[L.G_RESET_ACK]
         else words[L.G_CONSECUTIVE_ERRORS],
-        overhead_histogram=overhead,
+        overhead,
     )
 
 
@@ -771,11 +821,6 @@ def _histogram(words: memoryview, start: int, max_ns: int) -> Histogram:
 
 def _packed_histogram(words: memoryview, start: int, max_ns: int) -> Histogram:
     return Histogram.from_packed(pack_words(words, start, L.HIST_BUCKETS), max_ns)
-
-
-def _block_starts(route_count: int) -> range:
-    """Word index, within a statistics area, of each route block in use."""
-    return range(L.ROUTES_START, L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS, L.ROUTE_BLOCK_WORDS)
 
 
 def read_segment(

@@ -140,25 +140,22 @@ class SegmentStore:
             return set()
 
     def _discover(self, path: str) -> None:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return
-        fingerprint = (info.st_size, info.st_mtime_ns)
-        if self._refused.get(path) == fingerprint:
-            return  # already logged; retried when the file changes
-        try:
-            reader = SegmentReader(path)
-        except (SegmentError, OSError) as exc:
-            self._refuse(path, fingerprint, exc)
-            return
+        if path in self._refused:
+            fingerprint = self._fingerprint(path)
+            if fingerprint is None or self._refused[path] == fingerprint:
+                return  # already logged; retried when the file changes
         try:
             # The counter before the snapshot: a record in between is read at the next tick.
-            sequence = reader.live_sequence()
-            snapshot = reader.snapshot(records=False, routes=False)
+            reader = SegmentReader(path, poll=True)
+        except (SegmentError, OSError) as exc:
+            self._refuse(path, exc)
+            return
+        try:
+            meta, sequence = reader.polled  # type: ignore[misc]
+            snapshot = reader.snapshot(records=False, routes=False, meta=meta, sequence=sequence)
         except (SegmentError, OSError) as exc:
             reader.close()
-            self._refuse(path, fingerprint, exc)
+            self._refuse(path, exc)
             return
         self._refused.pop(path, None)
         entry = ProcessEntry(path, reader, snapshot, sequence, snapshot.control_words)
@@ -178,9 +175,22 @@ class SegmentStore:
             if self.on_discover is not None:
                 self.on_discover(entry)
 
-    def _refuse(self, path: str, fingerprint: tuple[int, int], exc: Exception) -> None:
+    @staticmethod
+    def _fingerprint(path: str) -> tuple[int, int] | None:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return info.st_size, info.st_mtime_ns
+
+    def _refuse(self, path: str, exc: Exception) -> None:
         if isinstance(exc, SegmentError) and exc.errno == errno.ENOENT:
             return  # it ended and went away between the listing and the open
+        # Known by size and modification time (taken now, not before the open:
+        # one stat less per segment found; a file is made at its full size).
+        fingerprint = self._fingerprint(path)
+        if fingerprint is None:
+            return
         self._refused[path] = fingerprint
         # A SegmentError's str() already starts with the path: log its reason, not "path: path: reason".
         store_logger.warning("skipping %s: %s", path, exc.reason if isinstance(exc, SegmentError) else exc)
@@ -188,9 +198,8 @@ class SegmentStore:
     def _update(self, path: str, entry: ProcessEntry) -> None:
         header = entry.snapshot.header
         try:
-            # Closed time and control words first: see SegmentReader.meta.
-            meta = entry.reader.meta()
-            sequence = entry.reader.live_sequence()
+            # Closed time and control words before the statistics: see SegmentReader.meta.
+            meta, sequence = entry.reader.poll()
         except (SegmentError, OSError) as exc:
             store_logger.warning("cannot read %s any more (%s); keeping its last counts", path, exc)
             del self.entries[path]
@@ -265,16 +274,18 @@ class SegmentStore:
             processes.setdefault(entry.app, []).append(entry)
         states = {}
         for name in self.retired.keys() | self.live_totals.keys():
-            total = Totals()
-            for part in (self.retired.get(name), self.live_totals.get(name)):
-                if part is not None:
+            parts = [
+                part for part in (self.retired.get(name), self.live_totals.get(name)) if part is not None
+            ]
+            if len(parts) == 1:  # nothing to add up: copied as it is (routes are copied by route_stats)
+                counters, routes = parts[0].counters.copy(), parts[0].route_stats()
+            else:
+                total = Totals()
+                for part in parts:
                     total.add(part)
+                counters, routes = total.counters, total.route_stats()
             states[name] = AppState(
-                name,
-                processes.get(name, []),
-                total.counters,
-                total.route_stats(),
-                self.first_seen_ns.get(name, 0),
+                name, processes.get(name, []), counters, routes, self.first_seen_ns.get(name, 0)
             )
         self._apps = states
         return states

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netprof_core import Direction, Histogram, RouteKey, RouteStats, SegmentSnapshot
 from netprof_core._layout import OVERFLOW_TEMPLATE
-from netprof_core.reader import Counters, PackedBlock, RouteSums
+from netprof_core._recorder import core_module
+from netprof_core.reader import Counters, RouteSums
+
+if TYPE_CHECKING:
+    from netprof_core._recorder_py import replace_blocks
+else:
+    replace_blocks = core_module().replace_blocks
 
 __all__ = ("CounterTotals", "Totals")
 
@@ -95,35 +101,41 @@ class Totals:
     counters: CounterTotals = field(default_factory=CounterTotals)
     sums: dict[RouteKey, RouteSums] = field(default_factory=dict)
 
+    # The sums of each route of a route table, by route id: what replace_blocks
+    # adds into. Keyed by the table's identity (a reader hands out the same
+    # tuple while its table does not grow, and processes of one application
+    # share it), with the table kept so that its id is not reused.
+    _by_table: dict[int, tuple[tuple[RouteKey, ...], list[RouteSums]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
     def add_snapshot(self, snapshot: SegmentSnapshot) -> None:
         self.counters.add_snapshot(snapshot)
-        for key, block in snapshot.route_blocks():
-            self._route(key, block).add_block(block)
+        replace_blocks((), snapshot.blocks, self._route_sums(snapshot.route_keys))
 
     def subtract_snapshot(self, snapshot: SegmentSnapshot) -> None:
         self.counters.add_snapshot(snapshot, -1)
-        for key, block in snapshot.route_blocks():
-            route = self.sums.get(key)
-            if route is not None:
-                route.subtract_block(block)
+        replace_blocks(snapshot.blocks, (), self._route_sums(snapshot.route_keys))
 
     def replace_snapshot(self, old: SegmentSnapshot, new: SegmentSnapshot) -> None:
         """Swap a process's earlier snapshot for its new one, touching only the
-        routes that recorded in between (a route block changes only with its count)."""
+        routes that recorded in between (a route block changes only with its
+        count; refresh() shares the blocks of routes that did not move)."""
         self.counters.replace_snapshot(old, new)
-        then = old.blocks
-        for route_id, block in enumerate(new.blocks):
-            before = then[route_id] if route_id < len(then) else None
-            if block is before:  # refresh() shares the blocks of routes that did not move
-                continue
-            if before is not None and block.count == before.count:
-                continue
-            route = self._route(new.route_keys[route_id], block)
-            if before is not None:
-                route.subtract_block(before)
-            route.add_block(block)
+        # The routes of the new snapshot (a route table never shrinks).
+        replace_blocks(old.blocks[: len(new.blocks)], new.blocks, self._route_sums(new.route_keys))
 
-    def _route(self, key: RouteKey, block: PackedBlock) -> RouteSums:
+    def _route_sums(self, keys: tuple[RouteKey, ...]) -> list[RouteSums]:
+        found = self._by_table.get(id(keys))
+        if found is not None and found[0] is keys:
+            return found[1]
+        if len(self._by_table) >= 256:
+            self._by_table.clear()  # a bound: tables are few, and rebuilt at once
+        sums = [self._route(key) for key in keys]
+        self._by_table[id(keys)] = (keys, sums)
+        return sums
+
+    def _route(self, key: RouteKey) -> RouteSums:
         route = self.sums.get(key)
         if route is None:
             route = self.sums[key] = RouteSums(key)

@@ -177,10 +177,25 @@ def intern_routes(rec: Recorder) -> list[int]:
     return [rec.route_id(template, method, direction) for template, method, direction in ROUTES]
 
 
-def apply(rec: Recorder, ids: list[int], ops: list[tuple[Any, ...]]) -> None:
+def _fits_c_integers(args: tuple[Any, ...]) -> bool:
+    return all(type(a) is int and -(1 << 63) <= a <= MAX_I64 for a in args)
+
+
+def apply(rec: Recorder, ids: list[int], ops: list[tuple[Any, ...]], *, c_integers: bool = False) -> None:
     """Apply ``ops`` to ``rec``; ``ids`` (from :func:`intern_routes`) grows
-    when the late routes are interned."""
+    when the late routes are interned. ``c_integers``: each call whose numbers
+    a compiled hook could hold goes through ``record_ints``, as the hooks'."""
     record = rec.record
+    if c_integers:
+        plain, record_ints = rec.record, rec._core.record_ints  # type: ignore[attr-defined]
+
+        def record(*args: Any, **kwargs: Any) -> None:
+            args = (*args, *kwargs.values())
+            if _fits_c_integers(args):
+                record_ints(*args, *(0,) * (8 - len(args)))
+            else:
+                plain(*args)
+
     for op in ops:
         kind = op[0]
         if kind == "record":
@@ -463,6 +478,26 @@ def test_cores_write_identical_segments(tmp_path: Path, case: str) -> None:
         c_open, py_open = (canonical_tokens(data, c_rec.layout) for data in (c_open, py_open))
         offset = first_difference(c_open, py_open)
         assert offset is None, f"closed segments differ at {offset}: {describe_offset(offset, c_rec.layout)}"
+    finally:
+        c_rec.close()
+        py_rec.close()
+
+
+@both_cores
+def test_record_ints_writes_what_record_writes(tmp_path: Path) -> None:
+    """The compiled hooks' entry (C integers) against the pure-Python twin's record()."""
+    c_rec, py_rec = make_pair(
+        tmp_path, performance_monitoring=False, log_slow_requests=False, slow_request_threshold=2.0,
+        sample_rate=1.0, max_routes=8, max_stored_requests=300,
+    )  # fmt: skip
+    try:
+        ops = build_operations(5, 60_000)
+        ids = {rec: intern_routes(rec) for rec in (c_rec, py_rec)}
+        apply(c_rec, ids[c_rec], ops, c_integers=True)
+        apply(py_rec, ids[py_rec], ops, c_integers=True)
+        assert_same_segment(c_rec, py_rec)
+        assert_same_snapshot(c_rec.snapshot(), py_rec.snapshot())
+        assert c_rec.snapshot().counters.internal_errors > 0  # the invalid calls were refused by record_ints too
     finally:
         c_rec.close()
         py_rec.close()

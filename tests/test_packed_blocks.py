@@ -1,0 +1,190 @@
+"""Route blocks read and summed the way netprofd does at every tick: the
+Cython helpers and their pure-Python twins give the same blocks, the same
+sums and the same errors, and reading only what is needed (each route's
+counters, its histogram up to its maximum's bucket) gives exactly the blocks
+a full copy of the area packs."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from array import array
+from pathlib import Path
+
+import pytest
+
+from netprof_core import _layout as L
+from netprof_core import _recorder_py
+from netprof_core.reader import RouteKey, RouteSums
+
+
+def _cores() -> list[object]:
+    cores: list[object] = [_recorder_py]
+    try:
+        from netprof_core import _recorder_c  # type: ignore[attr-defined]
+    except ImportError:
+        return cores
+    return cores + [_recorder_c]
+
+
+CORES = pytest.mark.parametrize("core", _cores(), ids=lambda c: c.__name__.rsplit("_", 1)[-1])  # type: ignore[attr-defined]
+
+
+def _area(rng: random.Random, routes: int) -> array[int]:
+    """A statistics area as a writer leaves it: each route's histogram holds
+    nothing above its maximum's bucket; some routes were never used."""
+    words = array("Q", bytes(8 * (L.ROUTES_START + routes * L.ROUTE_BLOCK_WORDS)))
+    for i in range(L.GLOBAL_WORDS):
+        words[i] = rng.randrange(0, 1000)
+    words[L.G_SEQ] = 2 * rng.randrange(1000)
+    for route in range(routes):
+        start = L.ROUTES_START + route * L.ROUTE_BLOCK_WORDS
+        for _ in range(rng.choice([0, 0, 1, 5, 400])):
+            _record(words, start, int(rng.lognormvariate(14, 3)), rng)
+    return words
+
+
+def _record(words: array[int], start: int, duration: int, rng: random.Random) -> None:
+    words[start + L.R_COUNT] += 1
+    words[start + L.R_SUM_NS] += duration
+    words[start + L.R_MAX_NS] = max(words[start + L.R_MAX_NS], duration)
+    words[start + L.R_STATUS_CLASSES + rng.randrange(L.STATUS_CLASSES)] += 1
+    words[start + L.ROUTE_HEADER_WORDS + L.bucket_index(duration)] += 1
+
+
+def _file(tmp_path: Path, words: array[int], offset: int) -> int:
+    path = tmp_path / f"area-{offset}"
+    path.write_bytes(bytes(offset) + words.tobytes())
+    return os.open(path, os.O_RDONLY)
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return [(x.count, x.max_ns, x.packed) for x in a] == [(y.count, y.max_ns, y.packed) for y in b]  # type: ignore[attr-defined]
+
+
+@CORES
+def test_sparse_reads_give_the_blocks_a_full_copy_packs(core: object, tmp_path: Path) -> None:
+    rng = random.Random(11)
+    for trial in range(8):
+        routes = rng.randrange(1, 8)
+        words = _area(rng, routes)
+        fd = _file(tmp_path, words, 8 * trial)
+        try:
+            full = _recorder_py.pack_blocks(words, routes, ())
+            assert _same(core.pack_blocks(words, routes, ()), full)  # type: ignore[attr-defined]
+            blocks = core.read_blocks(fd, 8 * trial, routes, ())  # type: ignore[attr-defined]
+            assert _same(blocks, full)
+            assert _same(core.read_blocks(fd, 8 * trial, routes, (), True), full)  # type: ignore[attr-defined]
+            # One route moves: only its block is new; the others are the same objects.
+            moved = rng.randrange(routes)
+            start = L.ROUTES_START + moved * L.ROUTE_BLOCK_WORDS
+            _record(words, start, int(rng.lognormvariate(20, 2)), rng)  # may raise the maximum
+            fd2 = _file(tmp_path, words, 8 * trial + 8)
+            try:
+                for guess in (False, True):
+                    again = core.read_blocks(fd2, 8 * trial + 8, routes, blocks, guess)  # type: ignore[attr-defined]
+                    assert _same(again, _recorder_py.pack_blocks(words, routes, ()))
+                    assert [a is b for a, b in zip(again, blocks)] == [r != moved for r in range(routes)]
+                    assert _same(core.pack_blocks(words, routes, blocks), again)  # type: ignore[attr-defined]
+            finally:
+                os.close(fd2)
+        finally:
+            os.close(fd)
+
+
+@CORES
+def test_read_live_checks_the_sequence_counter(core: object, tmp_path: Path) -> None:
+    words = _area(random.Random(5), 3)
+    fd = _file(tmp_path, words, 64)
+    try:
+        seq = words[L.G_SEQ]
+        globals_, blocks, overhead = core.read_live(fd, 64, seq, 3, ())  # type: ignore[attr-defined]
+        assert globals_ == tuple(words[: L.GLOBAL_WORDS])
+        assert _same(blocks, _recorder_py.pack_blocks(words, 3, ()))
+        assert overhead == _recorder_py.pack_words(
+            words, L.OVERHEAD_HIST, L.bucket_index(words[L.G_OVERHEAD_MAX_NS]) + 1
+        )
+        # The overhead histogram is read only when its count moved.
+        again = core.read_live(fd, 64, seq, 3, blocks, words[L.G_NEXT_INDEX], words[L.G_OVERHEAD_COUNT])  # type: ignore[attr-defined]
+        assert again[2] is None and all(a is b for a, b in zip(again[1], blocks))
+        assert core.read_live(fd, 64, seq + 2, 3, ()) is None  # type: ignore[attr-defined]
+        with pytest.raises(ValueError, match="truncated"):
+            core.read_live(fd, 64, seq, 4, ())  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)
+
+
+def _sums(n: int) -> list[RouteSums]:
+    return [RouteSums(RouteKey(L.Direction.INBOUND, "GET", f"/r{i}")) for i in range(n)]
+
+
+@CORES
+def test_replace_blocks_swaps_what_moved(core: object) -> None:
+    rng = random.Random(2)
+    routes = 5
+    words = _area(rng, routes)
+    first = core.pack_blocks(words, routes, ())  # type: ignore[attr-defined]
+    for r in range(routes):
+        _record(words, L.ROUTES_START + r * L.ROUTE_BLOCK_WORDS, rng.randrange(1, 10**9), rng)
+    second = core.pack_blocks(words, routes, ())  # type: ignore[attr-defined]
+    theirs, ours = _sums(routes), _sums(routes)
+    core.replace_blocks((), first, ours)  # type: ignore[attr-defined]
+    core.replace_blocks(first, second, ours)  # type: ignore[attr-defined]
+    for block, route in zip(second, theirs):
+        route.add_block(block)
+    assert [(s.words, s.max_ns) for s in ours] == [(s.words, s.max_ns) for s in theirs]
+    core.replace_blocks(second, (), ours)  # type: ignore[attr-defined]
+    assert not any(any(s.words) for s in ours)
+    assert [s.max_ns for s in ours] == [s.max_ns for s in theirs]  # the maximum stays
+
+
+@CORES
+def test_replace_blocks_refuses_what_was_never_added(core: object) -> None:
+    rng = random.Random(3)
+    words = _area(rng, 2)
+    words[L.ROUTES_START + L.R_COUNT] += 1  # route 0 used
+    blocks = core.pack_blocks(words, 2, ())  # type: ignore[attr-defined]
+    sums = _sums(2)
+    core.replace_blocks((), blocks[:1], sums)  # type: ignore[attr-defined]
+    before = [s.words.tobytes() for s in sums]
+    # Route 0's block taken away twice: the second time refused, its sum unchanged.
+    core.replace_blocks(blocks[:1], (), sums)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="never added"):
+        core.replace_blocks(blocks[:1], (), sums)  # type: ignore[attr-defined]
+    assert sums[0].words.tobytes() == bytes(len(before[0]))
+    # Blocks made from Python (indexes in any order) are checked, and summed alike.
+    packed = blocks[0].packed
+    n = (len(packed) - 8) // 10
+    order = list(range(n))[::-1]
+    vals = array("Q", packed[8 : 8 + 8 * n])
+    idx = array("H", packed[8 + 8 * n :])
+    shuffled = (
+        packed[:8]
+        + array("Q", [vals[i] for i in order]).tobytes()
+        + array("H", [idx[i] for i in order]).tobytes()
+    )
+    made = core.PackedBlock(blocks[0].count, blocks[0].max_ns, shuffled)  # type: ignore[attr-defined]
+    core.replace_blocks((), (made,), sums)  # type: ignore[attr-defined]
+    assert sums[0].words.tobytes() == blocks[0].words().tobytes()
+    with pytest.raises(ValueError):
+        core.replace_blocks((), (core.PackedBlock(1, 1, b"\1\0\0\0\0\0\0\0" + bytes(8) + b"\xff\xff"),), sums)  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        core.PackedBlock(1, 1, bytearray(8))  # type: ignore[attr-defined]
+
+
+@CORES
+def test_proc_start_ticks(core: object) -> None:
+    mine = _recorder_py.proc_start_ticks(os.getpid())
+    assert mine is not None and core.proc_start_ticks(os.getpid()) == mine  # type: ignore[attr-defined]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while _recorder_py.proc_start_ticks(child.pid) is not None:  # until it has ended (a zombie)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert core.proc_start_ticks(child.pid) is None  # type: ignore[attr-defined]
+    child.wait()
+    for gone in (child.pid, -1, 2**63):
+        assert core.proc_start_ticks(gone) is None  # type: ignore[attr-defined]
