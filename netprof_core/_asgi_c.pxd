@@ -2,6 +2,8 @@
 cimport cython
 from libc.stdint cimport int64_t
 
+from netprof_core._recorder_c cimport RecorderCore
+
 
 cdef class Exchange
 cdef class Receiver
@@ -26,6 +28,7 @@ cdef class AsgiRequests:
     cdef object route_key
     cdef dict route_ids
     cdef object record
+    cdef RecorderCore core
 
     @cython.locals(fields=dict, templates=dict, ttfb=int64_t)
     cdef finish(self, scope, Exchange exchange)
@@ -46,7 +49,7 @@ cdef class Exchange:
     cdef object _send
     cdef readonly object root_path
     cdef readonly int64_t start
-    cdef readonly object status
+    cdef readonly int status
     cdef readonly int64_t bytes_in
     cdef readonly int64_t bytes_out
     cdef readonly int64_t first_byte

@@ -2,6 +2,8 @@
 cimport cython
 from libc.stdint cimport int64_t
 
+from netprof_core._recorder_c cimport RecorderCore
+
 
 cdef object _OUTBOUND
 cdef object monotonic_ns
@@ -12,6 +14,7 @@ cdef dict _DEFAULT_PORTS
 cdef object urlsplit
 cdef object _instrumentation
 cdef object timed
+cdef object timed_async
 
 
 cdef class OutboundHook:
@@ -20,6 +23,7 @@ cdef class OutboundHook:
     cdef dict routes
     cdef tuple last_route
     cdef object record_call
+    cdef RecorderCore core
 
     @cython.locals(last=tuple)
     cpdef record(self, method, host, port, url, status, start_ns, end_ns, bytes_in, bytes_out, exc)

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 from . import _instrumentation
 from ._failures import error_kind_of
-from ._instrumentation import timed
+from ._instrumentation import timed, timed_async
 from ._layout import Direction
-from .hooks import ROUTE_CACHE_LIMIT, content_length
+from .hooks import ROUTE_CACHE_LIMIT, content_length, cython_core
 
 if TYPE_CHECKING:
     from .recorder import Recorder
@@ -39,6 +39,7 @@ class OutboundHook:
         self.routes: dict[tuple[str, str, int | None], int] = {}
         self.last_route: tuple[str, str, int | None, int] = ("", "", None, 0)  # no method is ""
         self.record_call = recorder.record
+        self.core = cython_core(recorder)
 
     def record(
         self,
@@ -69,7 +70,10 @@ class OutboundHook:
                     route = self._route(method, host, port, url)
                 self.last_route = (method, host, port, route)  # one tuple: threads see all of it or none
         error_kind = 0 if exc is None else error_kind_of(exc)
-        self.record_call(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind)
+        if self.core is not None:  # compiled beside the Cython core: a C call
+            self.core.record_ints(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, 0)
+        else:
+            self.record_call(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind)
 
     def _route(self, method: str, host: str, port: int | None, url: object) -> int:
         # Without a path template the recorder is asked once per host; after
@@ -88,7 +92,9 @@ class OutboundHook:
         try:
             # httpx's own attributes where it has them: its public properties
             # (content, raw_host, headers.get) are Python code, most of this hook's cost.
-            content = getattr(request, "_content", None)  # a body given whole is read when the request is made
+            content = getattr(
+                request, "_content", None
+            )  # a body given whole is read when the request is made
             if content is not None:
                 bytes_out = len(content)
             else:  # streamed, or a redirect's copy: its header, if any
@@ -133,7 +139,9 @@ class HttpxTransport:
         self.hook = hook
 
     def handle_request(self, request: Any) -> Any:
-        if _instrumentation.active is not None:  # instrument() too: timed() keeps its patch beneath from recording again
+        if (
+            _instrumentation.active is not None
+        ):  # instrument() too: timed() keeps its patch beneath from recording again
             return timed(self.hook.httpx_done, request, self.inner.handle_request, request)
         # timed(), inlined: the hot path of an instrumented client.
         start_ns = monotonic_ns()
@@ -154,6 +162,37 @@ class HttpxTransport:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.inner.__exit__(*exc_info)
+
+
+class AsyncHttpxTransport:
+    """``HttpxTransport`` for ``httpx.AsyncBaseTransport``: one coroutine of
+    ours per request (``timed_async``, inlined)."""
+
+    def __init__(self, inner: Any, hook: OutboundHook) -> None:
+        self.inner = inner
+        self.hook = hook
+
+    async def handle_async_request(self, request: Any) -> Any:
+        if _instrumentation.active is not None:  # see HttpxTransport
+            return await timed_async(self.hook.httpx_done, request, self.inner.handle_async_request, request)
+        start_ns = monotonic_ns()
+        try:
+            response = await self.inner.handle_async_request(request)
+        except BaseException as exc:
+            self.hook.httpx_done(request, None, exc, start_ns)
+            raise
+        self.hook.httpx_done(request, response, None, start_ns)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> AsyncHttpxTransport:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.inner.__aexit__(*exc_info)
 
 
 def _httpx_response_length(headers: Any) -> int:

@@ -2,6 +2,8 @@
 cimport cython
 from libc.stdint cimport int64_t
 
+from netprof_core._recorder_c cimport RecorderCore
+
 
 cdef class Request
 
@@ -20,6 +22,7 @@ cdef class WsgiRequests:
     cdef object route_key
     cdef dict route_ids
     cdef object record
+    cdef RecorderCore core
 
     @cython.locals(request=Request, bytes_out=int64_t)
     cpdef serve(self, environ, start_response)

@@ -14,7 +14,14 @@ from time import monotonic_ns
 from typing import Any
 
 from ._layout import ErrorKind
-from .hooks import RECORDING_ENVIRON_KEY, ROUTE_ENVIRON_KEY, UNMATCHED_ROUTE, InboundHook, content_length
+from .hooks import (
+    RECORDING_ENVIRON_KEY,
+    ROUTE_ENVIRON_KEY,
+    UNMATCHED_ROUTE,
+    InboundHook,
+    content_length,
+    cython_core,
+)
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -37,6 +44,7 @@ class WsgiRequests:
         self.route_key = hook.route_key
         self.route_ids = hook.route_ids
         self.record = hook.record
+        self.core = cython_core(hook.recorder)
 
     def serve(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self.excluded is not None and self.excluded(environ.get("PATH_INFO", "")):
@@ -87,7 +95,12 @@ class WsgiRequests:
             self.hook.recorder.internal_error(exc)
             return
         ttfb = request.first_byte - request.start if request.first_byte else 0
-        self.record(route, status, request.start, end, bytes_in, request.bytes_out, error_kind, ttfb)
+        if self.core is not None:  # compiled beside the Cython core: a C call, no number boxed
+            self.core.record_ints(
+                route, status, request.start, end, bytes_in, request.bytes_out, error_kind, ttfb
+            )
+        else:
+            self.record(route, status, request.start, end, bytes_in, request.bytes_out, error_kind, ttfb)
 
 
 def _is_file_wrapper(body: object, environ: Environ) -> bool:

@@ -84,7 +84,9 @@ def instrument(recorder: Recorder | None = None, *, path_template: PathTemplate 
             except ImportError:
                 continue  # not installed
             except Exception as exc:  # a library version we do not know: the others still work
-                recorder_logger.error("netprof: cannot hook %s: %r", install.__name__[len("_install_"):], exc)
+                recorder_logger.error(
+                    "netprof: cannot hook %s: %r", install.__name__[len("_install_") :], exc
+                )
 
 
 def uninstrument() -> None:
@@ -111,10 +113,8 @@ def instrument_httpx_client(
     import httpx
 
     hook = _hook(recorder, path_template)
-    if isinstance(client, httpx.AsyncClient):
-        wrapper: type = _AsyncTransport
-    else:  # the twin that matches the hook's core
-        wrapper = hook_path("outbound", hook.recorder.implementation).HttpxTransport
+    twin = hook_path("outbound", hook.recorder.implementation)  # the one that matches the hook's core
+    wrapper: type = twin.AsyncHttpxTransport if isinstance(client, httpx.AsyncClient) else twin.HttpxTransport
     # httpx has no public way to reach an existing client's transports.
     client._transport = _wrap_transport(client._transport, hook, wrapper)  # type: ignore[attr-defined]
     mounts = client._mounts  # type: ignore[attr-defined]
@@ -159,30 +159,16 @@ def _patch(owner: type, name: str, make_patch: Callable[[Any], Any]) -> None:
 # -- httpx ----------------------------------------------------------------------------------
 
 
-class _AsyncTransport:
-    """``HttpxTransport`` (in _outbound_py.py) for ``httpx.AsyncBaseTransport``."""
-
-    __slots__ = ("hook", "inner")
-
-    def __init__(self, inner: Any, hook: OutboundHook) -> None:
-        self.inner = inner
-        self.hook = hook
-
-    async def handle_async_request(self, request: Any) -> Any:
-        return await timed_async(self.hook.httpx_done, request, self.inner.handle_async_request, request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def __aenter__(self) -> _AsyncTransport:
-        await self.inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.inner.__aexit__(*exc_info)
-
-
-_WRAPPERS = (_AsyncTransport, *{hook_path("outbound", core).HttpxTransport for core in ("cython", "python")})
+_WRAPPERS = tuple(
+    {
+        wrapper
+        for core in ("cython", "python")
+        for wrapper in (
+            hook_path("outbound", core).HttpxTransport,
+            hook_path("outbound", core).AsyncHttpxTransport,
+        )
+    }
+)
 
 
 def _wrap_transport(transport: Any, hook: OutboundHook, wrapper: type) -> Any:
@@ -327,7 +313,9 @@ def _install_aiohttp() -> None:
     def with_ours(trace_configs: Any) -> Any:
         try:
             # A session given a trace config of ours records through that one only.
-            if _instrumentation.active is None or any(config in _our_trace_configs for config in trace_configs or ()):
+            if _instrumentation.active is None or any(
+                config in _our_trace_configs for config in trace_configs or ()
+            ):
                 return trace_configs
             return [*(trace_configs or ()), everywhere]
         except Exception as error:

@@ -13,7 +13,14 @@ from ._layout import Direction
 from .config import ProfilingConfig
 from .recorder import Recorder
 
-__all__ = ("ROUTE_ENVIRON_KEY", "UNMATCHED_ROUTE", "InboundHook", "compile_excludes", "content_length", "get_recorder")
+__all__ = (
+    "ROUTE_ENVIRON_KEY",
+    "UNMATCHED_ROUTE",
+    "InboundHook",
+    "compile_excludes",
+    "content_length",
+    "get_recorder",
+)
 
 # Requests no route of the application matched (404 floods, scanners) share one route.
 UNMATCHED_ROUTE = "<unmatched>"
@@ -34,8 +41,15 @@ def content_length(value: str | None) -> int:
     from the client: a bad one is the client's problem, not netprof's)."""
     return int(value) if value and value.isascii() and value.isdigit() else 0
 
+
 _default: Recorder | None = None
 _default_lock = threading.Lock()
+
+
+def cython_core(recorder: Recorder) -> Any:
+    """The recorder's Cython core, which the compiled hooks call with C
+    integers (``record_ints``); None beside the pure-Python twin."""
+    return recorder._core if recorder.implementation == "cython" else None
 
 
 def get_recorder(config: ProfilingConfig | None = None) -> Recorder:
@@ -70,7 +84,6 @@ class InboundHook:
     ids they look up on every request (``self.route_ids[method][template]``
     on the hot path, :meth:`intern` on a miss: by method first, so that a
     lookup allocates no key)."""
-
 
     def __init__(
         self,
