@@ -913,3 +913,26 @@ def proc_start_ticks(pid_number: int):
     if i >= n:
         raise IndexError("no start time in /proc/<pid>/stat")
     return int(buf[i:n].split(None, 1)[0])
+
+
+# -- objects the daemon makes for every process it reads -----------------------
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetAttr(object o, object name, object value) except -1
+
+_object_new = object.__new__
+
+
+def new_frozen(cls, tuple names not None, tuple values not None):
+    """An instance of ``cls`` made by ``object.__new__``, with each attribute
+    of ``names`` set to the value at its position by ``object.__setattr__``
+    (what the ``__init__`` of a frozen dataclass without defaults to fill or
+    ``__post_init__`` does, in one call: the daemon makes a few of them per
+    process that it reads)."""
+    cdef Py_ssize_t i, n = len(names)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values for {n} attributes")
+    obj = _object_new(cls)
+    for i in range(n):
+        PyObject_GenericSetAttr(obj, names[i], values[i])
+    return obj

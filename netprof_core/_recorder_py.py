@@ -610,3 +610,22 @@ def proc_start_ticks(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+# -- objects the daemon makes for every process it reads -----------------------
+
+
+def new_frozen(cls: Any, names: tuple[str, ...], values: tuple[Any, ...]) -> Any:
+    """An instance of ``cls`` made by ``object.__new__``, with each attribute
+    of ``names`` set to the value at its position by ``object.__setattr__``
+    (what the ``__init__`` of a frozen dataclass without defaults to fill or
+    ``__post_init__`` does, in one call: the daemon makes a few of them per
+    process that it reads)."""
+    if not isinstance(names, tuple) or not isinstance(values, tuple):
+        raise TypeError("names and values must be tuples")
+    if len(values) != len(names):
+        raise ValueError(f"{len(values)} values for {len(names)} attributes")
+    obj = object.__new__(cls)
+    for name, value in zip(names, values):
+        object.__setattr__(obj, name, value)
+    return obj

@@ -17,7 +17,7 @@ import threading
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _layout as L
@@ -25,7 +25,7 @@ from ._recorder import add_counts, core_module
 from .control import ControlState, SegmentControl, read_control_words
 from .histogram import Histogram, add_packed, pack_words, subtract_packed
 from .log import segment_logger
-from .segment import SegmentError, SegmentHeader, parse_header, process_alive, segment_paths
+from .segment import SegmentError, SegmentHeader, _layout_and_size, parse_header, process_alive, segment_paths
 
 __all__ = (
     "Counters",
@@ -43,10 +43,11 @@ __all__ = (
 )
 
 if TYPE_CHECKING:
-    from ._recorder_py import PackedBlock, pack_blocks, read_live
+    from ._recorder_py import PackedBlock, new_frozen, pack_blocks, read_live
 else:  # the live core's: a C type where the Cython core is in use
     _core = core_module()
     PackedBlock, pack_blocks, read_live = _core.PackedBlock, _core.pack_blocks, _core.read_live
+    new_frozen = _core.new_frozen
 
 _T = TypeVar("_T")
 LIVE_ATTEMPTS = 3
@@ -64,6 +65,12 @@ _BLOCK_BYTES = L.ROUTE_BLOCK_WORDS * L.WORD
 # the route table between them is this small (24 routes: 9 KB): one read of a
 # few KB costs less than two calls.
 _POLL_MAX_BYTES = 16384
+# What a reader that polls at once reads when it opens its file: the header,
+# the meta words, the route table of up to 24 routes (the default) and the
+# live sequence counter; with a larger table, poll() reads the rest.
+_HEAD_BYTES = 4096
+# Where route 0 is named, in every layout (SegmentLayout.route_name_offset).
+_NAMES_START = L.ROUTES_OFFSET + L.ROUTE_TABLE_HEADER
 # Shared across readers (bounded): route names and control states repeat
 # from one process of an application to the next.
 _CACHE_LIMIT = 1024
@@ -140,6 +147,9 @@ class RouteStats:
         )
 
 
+_ROUTE_STATS_FIELDS = tuple(f.name for f in fields(RouteStats))
+
+
 class RouteSums:
     """A route's statistics summed over processes, kept as one route block of
     the segment layout (counters, then histogram buckets) so that adding a
@@ -178,19 +188,23 @@ class RouteSums:
 
     def stats(self) -> RouteStats:
         w = self.words
-        return RouteStats(
-            key=self.key,
-            count=w[L.R_COUNT],
-            errors=w[L.R_ERRORS],
-            slow=w[L.R_SLOW],
-            sum_ns=w[L.R_SUM_NS],
-            max_ns=self.max_ns,  # the words hold a sum of maxima
-            bytes_in=w[L.R_BYTES_IN],
-            bytes_out=w[L.R_BYTES_OUT],
-            ttfb_sum_ns=w[L.R_TTFB_SUM_NS],
-            status_classes=tuple(w[L.R_STATUS_CLASSES : L.R_STATUS_CLASSES + L.STATUS_CLASSES]),
-            error_kinds=tuple(w[L.R_ERROR_KINDS : L.R_ERROR_KINDS + L.ERROR_KINDS]),
-            histogram=Histogram(w[L.ROUTE_HEADER_WORDS :], self.max_ns),
+        return new_frozen(  # type: ignore[no-any-return]  # RouteStats(...), made for each route at every change
+            RouteStats,
+            _ROUTE_STATS_FIELDS,
+            (
+                self.key,
+                w[L.R_COUNT],
+                w[L.R_ERRORS],
+                w[L.R_SLOW],
+                w[L.R_SUM_NS],
+                self.max_ns,  # the words hold a sum of maxima
+                w[L.R_BYTES_IN],
+                w[L.R_BYTES_OUT],
+                w[L.R_TTFB_SUM_NS],
+                tuple(w[L.R_STATUS_CLASSES : L.R_STATUS_CLASSES + L.STATUS_CLASSES]),
+                tuple(w[L.R_ERROR_KINDS : L.R_ERROR_KINDS + L.ERROR_KINDS]),
+                Histogram(w[L.ROUTE_HEADER_WORDS :], self.max_ns),
+            ),
         )
 
 
@@ -227,6 +241,11 @@ class Counters:
     @property
     def overhead_mean_ns(self) -> float:
         return self.overhead_sum_ns / self.overhead_count if self.overhead_count else 0.0
+
+
+# Field names, in order, of the frozen dataclasses made for every process read
+# (by new_frozen: what their __init__ does, in one call).
+_COUNTERS_FIELDS = tuple(f.name for f in fields(Counters))
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +298,9 @@ class SegmentSnapshot:
         return self.header.total_size
 
 
+_SNAPSHOT_FIELDS = tuple(f.name for f in fields(SegmentSnapshot))
+
+
 class SegmentReader:
     """Snapshots one segment, keeping its file open between snapshots.
 
@@ -304,6 +326,9 @@ class SegmentReader:
         the header (one read less for a caller that polls at once)."""
         self.path = os.fspath(path)
         self.polled: tuple[tuple[int, tuple[int, ...], int, int], int] | None = None
+        # What the open read, with the route count it holds: the first
+        # snapshot takes the route names from it (read after that count).
+        self._head: tuple[bytes, int] | None = None
         self._keys: tuple[RouteKey, ...] = ()
         self._control_seen: tuple[tuple[int, ...], ControlState] | None = None
         self._owns_buffer = mapped is None
@@ -315,15 +340,16 @@ class SegmentReader:
             self._buf, self.header = mapped
             self._control = SegmentControl(self._buf, self.header)
         else:
-            head = self._open(self.path, _POLL_MAX_BYTES if poll else L.HEADER_SIZE)
-        self.layout = self.header.layout
+            head = self._open(self.path, _HEAD_BYTES if poll else L.HEADER_SIZE)
         # Offsets the layout computes on each use, asked for at every tick.
-        self._live = self.layout.live_offset
-        self._route_slots = self.layout.route_slots
+        self.layout, _, self._live, self._route_slots = _layout_and_size(
+            self.header.ring_capacity, self.header.route_capacity
+        )
         if poll:
             size = self._live + L.WORD - _META_START
             if mapped is None and _META_START + size <= len(head):
-                self.polled = self._polled(memoryview(head)[_META_START:], size)
+                self.polled = self._polled(head, size, _META_START)
+                self._head = head, self.polled[0][2]
             else:
                 self.polled = self.poll()
 
@@ -378,6 +404,7 @@ class SegmentReader:
         return view
 
     def close(self) -> None:
+        self._head = None
         if self._owns_buffer and self._buf is not None:
             self._buf.close()
         if self._fd is not None:
@@ -438,10 +465,13 @@ class SegmentReader:
         return self._polled(self._read(_META_START, size), size)
 
     @staticmethod
-    def _polled(data: bytes | memoryview, size: int) -> tuple[tuple[int, tuple[int, ...], int, int], int]:
-        """What poll() returns, from the ``size`` bytes it reads, in ``data``."""
-        values = _META_STRUCT.unpack_from(data)
-        return (values[0], values[1:-2], values[-2], values[-1]), L.U64.unpack_from(data, size - L.WORD)[0]
+    def _polled(
+        data: bytes | memoryview, size: int, at: int = 0
+    ) -> tuple[tuple[int, tuple[int, ...], int, int], int]:
+        """What poll() returns, from the ``size`` bytes it reads, at ``at`` in ``data``."""
+        values = _META_STRUCT.unpack_from(data, at)
+        (sequence,) = L.U64.unpack_from(data, at + size - L.WORD)
+        return (values[0], values[1:-2], values[-2], values[-1]), sequence
 
     def snapshot(
         self,
@@ -513,19 +543,23 @@ class SegmentReader:
         next_index = globals_[L.G_NEXT_INDEX]
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(next_index, control, keys, now) if records else ()
-        return SegmentSnapshot(
-            self.path,
-            header,
-            control,
-            counters,
-            built,
-            found,
-            now,
-            source,
-            complete,
-            blocks,
-            keys,
-            control_words,
+        return new_frozen(  # type: ignore[no-any-return]  # SegmentSnapshot(...), all fields given
+            SegmentSnapshot,
+            _SNAPSHOT_FIELDS,
+            (
+                self.path,
+                header,
+                control,
+                counters,
+                built,
+                found,
+                now,
+                source,
+                complete,
+                blocks,
+                keys,
+                control_words,
+            ),
         )
 
     def refresh(
@@ -560,19 +594,23 @@ class SegmentReader:
                 continue  # written meanwhile: the reads may not agree
             globals_, overhead, blocks = got
             control_words, control = self._control_state(control_words)
-            return SegmentSnapshot(
-                self.path,
-                self._header(closed_ns),
-                control,
-                _counters(globals_, overflowed, control_words, overhead),
-                (),
-                (),
-                time.time_ns(),
-                "final" if closed_ns else "live",
-                True,
-                blocks,
-                self._route_keys(route_count),
-                control_words,
+            return new_frozen(  # type: ignore[no-any-return]  # SegmentSnapshot(...), all fields given
+                SegmentSnapshot,
+                _SNAPSHOT_FIELDS,
+                (
+                    self.path,
+                    self._header(closed_ns),
+                    control,
+                    _counters(globals_, overflowed, control_words, overhead),
+                    (),
+                    (),
+                    time.time_ns(),
+                    "final" if closed_ns else "live",
+                    True,
+                    blocks,
+                    self._route_keys(route_count),
+                    control_words,
+                ),
             )
         return self.snapshot(records=False, routes=False, alive=True)
 
@@ -646,8 +684,13 @@ class SegmentReader:
         once its count is visible, so the names read before are kept."""
         known = self._keys
         if len(known) < route_count:
-            first = self.layout.route_name_offset(len(known))
-            names = self._read(first, self.layout.route_name_offset(route_count) - first)
+            first = _NAMES_START + len(known) * L.ROUTE_NAME_SIZE  # layout.route_name_offset(), inline
+            end = _NAMES_START + route_count * L.ROUTE_NAME_SIZE
+            head, self._head = self._head, None
+            if head is not None and route_count <= head[1] and end <= len(head[0]):
+                names = head[0][first:end]  # read at the open, after the count
+            else:
+                names = self._read(first, end - first)
             found = _route_keys_cache.get(names)
             if found is None:
                 found = tuple(
@@ -797,21 +840,25 @@ def _counters(
     words: Sequence[int], overflowed: int, control_words: tuple[int, ...], overhead: Histogram
 ) -> Counters:
     """The segment-wide counters, from the statistics' global words."""
-    return Counters(  # by position: made at every tick for every process that recorded
-        words[L.G_NEXT_INDEX],
-        words[L.G_SAMPLED_OUT],
-        words[L.G_DISABLED_CALLS],
-        words[L.G_INTERNAL_ERRORS],
-        words[L.G_AUTO_DISABLE_EVENTS],
-        overflowed,
-        words[L.G_OVERHEAD_COUNT],
-        words[L.G_OVERHEAD_SUM_NS],
-        words[L.G_OVERHEAD_MAX_NS],
-        # A pending reset clears the count at the next error; it counts as done.
-        0
-        if control_words[L.C_RESET_ERRORS_REQUEST] != words[L.G_RESET_ACK]
-        else words[L.G_CONSECUTIVE_ERRORS],
-        overhead,
+    return new_frozen(  # type: ignore[no-any-return]  # Counters(...): made at every tick for every process that recorded
+        Counters,
+        _COUNTERS_FIELDS,
+        (
+            words[L.G_NEXT_INDEX],
+            words[L.G_SAMPLED_OUT],
+            words[L.G_DISABLED_CALLS],
+            words[L.G_INTERNAL_ERRORS],
+            words[L.G_AUTO_DISABLE_EVENTS],
+            overflowed,
+            words[L.G_OVERHEAD_COUNT],
+            words[L.G_OVERHEAD_SUM_NS],
+            words[L.G_OVERHEAD_MAX_NS],
+            # A pending reset clears the count at the next error; it counts as done.
+            0
+            if control_words[L.C_RESET_ERRORS_REQUEST] != words[L.G_RESET_ACK]
+            else words[L.G_CONSECUTIVE_ERRORS],
+            overhead,
+        ),
     )
 
 

@@ -21,6 +21,7 @@ from ._recorder import core_module
 from .log import segment_logger
 
 _proc_start_ticks = core_module().proc_start_ticks
+_new_frozen = core_module().new_frozen
 
 __all__ = (
     "SegmentError",
@@ -79,18 +80,25 @@ class SegmentHeader:
         return self.closed_ns != 0
 
 
-# Layouts by capacities, with their total size: the processes of a host have
-# few configurations, and a layout computes its offsets at each use.
-_layouts: dict[tuple[int, int], tuple[L.SegmentLayout, int]] = {}
+# Layouts by capacities, with their total size, live offset and route slots:
+# the processes of a host have few configurations, and a layout computes its
+# offsets at each use.
+_layouts: dict[tuple[int, int], tuple[L.SegmentLayout, int, int, int]] = {}
 
 
-def _layout_and_size(ring_capacity: int, route_capacity: int) -> tuple[L.SegmentLayout, int]:
+def _layout_and_size(ring_capacity: int, route_capacity: int) -> tuple[L.SegmentLayout, int, int, int]:
+    """The layout of these capacities, its total size, live offset and route slots."""
     found = _layouts.get((ring_capacity, route_capacity))
     if found is None:
         if len(_layouts) >= 256:
             _layouts.clear()  # a bound, not an LRU: configurations are few
         layout = L.SegmentLayout(ring_capacity, route_capacity)
-        found = _layouts[ring_capacity, route_capacity] = (layout, layout.total_size)
+        found = _layouts[ring_capacity, route_capacity] = (
+            layout,
+            layout.total_size,
+            layout.live_offset,
+            layout.route_slots,
+        )
     return found
 
 
@@ -118,6 +126,7 @@ _HEADER_INTS = operator.itemgetter(
     *(_H[f.name] for f in fields(SegmentHeader) if f.name in _H and f.name != "app_name")
 )
 _NO_MAGIC = bytes(len(L.MAGIC))
+_HEADER_FIELDS = tuple(f.name for f in fields(SegmentHeader))
 
 
 def parse_header(
@@ -147,7 +156,8 @@ def parse_header(
         raise SegmentError(path, f"truncated: {size} of {total_size} bytes")
     (closed_ns,) = L.U64.unpack_from(buf, L.CLOSED_NS_OFFSET)
     app_name = v[_H_APP].rstrip(b"\0").decode("utf-8", "replace")
-    return SegmentHeader(*_HEADER_INTS(v), app_name, closed_ns)  # type: ignore[call-arg]  # by position: faster
+    # SegmentHeader(*ints, app_name, closed_ns), in one call (a header is parsed for every segment found).
+    return _new_frozen(SegmentHeader, _HEADER_FIELDS, (*_HEADER_INTS(v), app_name, closed_ns))  # type: ignore[no-any-return]
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -168,7 +178,7 @@ def process_alive(pid: int, start_ticks: int) -> bool:
         except PermissionError:
             return True
         return True
-    return process_start_ticks(pid) == start_ticks
+    return _proc_start_ticks(pid) == start_ticks  # (process_start_ticks, one call less)
 
 
 def _safe_name(app_name: str) -> str:

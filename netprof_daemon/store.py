@@ -133,9 +133,11 @@ class SegmentStore:
         self.last_tick_seconds = time.perf_counter() - started
 
     def _listing(self) -> set[str]:
+        # Names, joined as os.scandir joins them (its entries cost more: one per file, at every tick).
+        base = os.fspath(self.segment_dir)
+        prefix = base if base.endswith("/") else base + "/"
         try:
-            with os.scandir(self.segment_dir) as found:
-                return {entry.path for entry in found if entry.name.endswith(SEGMENT_SUFFIX)}
+            return {prefix + name for name in os.listdir(base) if name.endswith(SEGMENT_SUFFIX)}
         except OSError:
             return set()
 
@@ -157,19 +159,22 @@ class SegmentStore:
             reader.close()
             self._refuse(path, exc)
             return
-        self._refused.pop(path, None)
+        if self._refused:
+            self._refused.pop(path, None)
         entry = ProcessEntry(path, reader, snapshot, sequence, snapshot.control_words)
-        store_logger.info("found %s: app %s, pid %d", path, entry.app, entry.pid)
-        first = self.first_seen_ns.get(entry.app)
-        created = snapshot.header.created_ns
-        self.first_seen_ns[entry.app] = created if first is None else min(first, created)
+        header = snapshot.header
+        app = header.app_name  # (entry.app, without its properties: asked of every process found)
+        store_logger.info("found %s: app %s, pid %d", path, app, header.pid)
+        first = self.first_seen_ns.get(app)
+        created = header.created_ns
+        self.first_seen_ns[app] = created if first is None or created < first else first
         if snapshot.source == "final":
             self._retire(entry, snapshot, counted=False)
         else:
             self.entries[path] = entry
-            totals = self.live_totals.get(entry.app)
+            totals = self.live_totals.get(app)
             if totals is None:  # (not setdefault: a Totals is costly to make for nothing)
-                totals = self.live_totals[entry.app] = Totals()
+                totals = self.live_totals[app] = Totals()
             totals.add_snapshot(snapshot)
             self._apps = None
             if self.on_discover is not None:

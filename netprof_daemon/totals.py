@@ -85,8 +85,19 @@ class CounterTotals:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def copy(self) -> CounterTotals:
-        twin = CounterTotals()
-        twin.add(self)
+        # What CounterTotals().add(self) gives (apps() copies at every change), field by field.
+        twin = CounterTotals(
+            self.requests,
+            self.sampled_out,
+            self.disabled_calls,
+            self.internal_errors,
+            self.auto_disable_events,
+            self.overflowed_routes,
+            self.overhead_count,
+            self.overhead_sum_ns,
+            max(0, self.overhead_max_ns),
+        )
+        twin.overhead_histogram += self.overhead_histogram
         return twin
 
     @property

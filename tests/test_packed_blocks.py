@@ -13,6 +13,7 @@ import sys
 import time
 from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,3 +189,62 @@ def test_proc_start_ticks(core: object) -> None:
     child.wait()
     for gone in (child.pid, -1, 2**63):
         assert core.proc_start_ticks(gone) is None  # type: ignore[attr-defined]
+
+
+@CORES
+def test_new_frozen_is_the_dataclass_init(core: object) -> None:
+    """What a frozen dataclass's __init__ makes, field by field, and its errors."""
+    from dataclasses import FrozenInstanceError, fields
+
+    from netprof_core import Histogram
+    from netprof_core.reader import Counters, RouteStats, SegmentSnapshot
+    from netprof_core.segment import SegmentHeader
+
+    new_frozen = core.new_frozen  # type: ignore[attr-defined]
+    histogram = Histogram()
+    values = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, histogram)
+    names = tuple(f.name for f in fields(Counters))
+    made = new_frozen(Counters, names, values)
+    assert type(made) is Counters and made == Counters(*values)
+    assert made.overhead_histogram is histogram
+    with pytest.raises(FrozenInstanceError):
+        made.requests = 2  # type: ignore[misc]
+    header: tuple[Any, ...] = (*range(11), "app", 12)
+    assert new_frozen(SegmentHeader, tuple(f.name for f in fields(SegmentHeader)), header) == SegmentHeader(
+        *header
+    )
+    # The classes the reader makes this way: an __init__ that only sets fields.
+    for cls in (Counters, SegmentHeader, SegmentSnapshot, RouteStats):
+        assert not hasattr(cls, "__post_init__") and getattr(cls, "__dataclass_params__").frozen  # noqa: B009
+    for bad in ((1, 2), values + (1,)):
+        with pytest.raises(ValueError, match="values for 11 attributes"):
+            new_frozen(Counters, names, bad)
+    with pytest.raises(TypeError):
+        new_frozen(Counters, list(names), values)
+    with pytest.raises(AttributeError):
+        new_frozen(Counters, ("requests", "no_such_field"), (1, 2))
+
+
+def test_counter_totals_copy_is_an_empty_total_plus_the_original() -> None:
+    """CounterTotals.copy, written field by field, gives what adding to an empty total gives."""
+    from dataclasses import fields
+
+    from netprof_core import Histogram
+    from netprof_daemon.totals import CounterTotals
+
+    rng = random.Random(3)
+    counts = array("Q", bytes(8 * L.HIST_BUCKETS))
+    for _ in range(50):
+        counts[rng.randrange(L.HIST_BUCKETS)] += rng.randrange(1, 1000)
+    values = [rng.randrange(10**12) for _ in range(9)]
+    totals = CounterTotals(*values)  # type: ignore[arg-type]  # nine ints, then the histogram
+    totals.overhead_histogram = Histogram(counts, 123)
+    added = CounterTotals()
+    added.add(totals)
+    twin = totals.copy()
+    for f in fields(CounterTotals):
+        if f.name != "overhead_histogram":
+            assert getattr(twin, f.name) == getattr(added, f.name) == getattr(totals, f.name)
+    assert twin.overhead_histogram.counts == added.overhead_histogram.counts == counts
+    assert twin.overhead_histogram.max_ns == added.overhead_histogram.max_ns
+    assert twin.overhead_histogram is not totals.overhead_histogram
