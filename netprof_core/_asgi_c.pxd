@@ -13,12 +13,14 @@ cdef int _NONE
 cdef int _EXCEPTION
 cdef int _CLIENT_DISCONNECT
 cdef frozenset _DISCONNECT_NAMES
+cdef object _ASYNCIO_MARK
+cdef object _INSPECT_MARK
 cdef object monotonic_ns
 cdef object UNMATCHED_ROUTE
 
 
-cdef str route_template(dict scope, str root_path)
-cpdef bint is_disconnect(exc) except -1
+cdef route_template(dict scope, root_path)
+cpdef bint is_disconnect(exc, send) except -1
 
 
 cdef class AsgiRequests:
@@ -54,6 +56,7 @@ cdef class Exchange:
     cdef readonly int64_t bytes_out
     cdef readonly int64_t first_byte
     cdef public int64_t end
+    cdef bint trailers
     cdef public int error_kind
 
     cdef note(self, dict message)

@@ -15,6 +15,8 @@ middleware).
 
 from __future__ import annotations
 
+import asyncio.coroutines
+import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import monotonic_ns
 from typing import Any
@@ -30,11 +32,14 @@ Send = Callable[[Message], Awaitable[None]]
 _NONE = int(ErrorKind.NONE)
 _EXCEPTION = int(ErrorKind.EXCEPTION)
 _CLIENT_DISCONNECT = int(ErrorKind.CLIENT_DISCONNECT)
-# What servers and frameworks raise when the client has gone: ASGI 2.4 has
-# ``send`` raise an OSError (uvicorn's and hypercorn's ClientDisconnected),
-# which Starlette turns into its ClientDisconnect. An app's own OSError, a
-# missing file say, stays an EXCEPTION.
+# What servers and frameworks name a client that has gone: Starlette's
+# ClientDisconnect, uvicorn's and hypercorn's ClientDisconnected.
 _DISCONNECT_NAMES = frozenset(("ClientDisconnect", "ClientDisconnected"))
+# The marks of a coroutine function (asyncio's up to 3.11, inspect's from
+# 3.12): the send and receive an app gets from the server are coroutine
+# functions, and asgiref's async_to_sync (Django Channels) asks.
+_ASYNCIO_MARK = getattr(asyncio.coroutines, "_is_coroutine", None)
+_INSPECT_MARK = getattr(inspect, "_is_coroutine_mark", None)
 
 
 def route_template(scope: dict[str, Any], root_path: str) -> str:
@@ -50,9 +55,27 @@ def route_template(scope: dict[str, Any], root_path: str) -> str:
     return UNMATCHED_ROUTE
 
 
-def is_disconnect(exc: BaseException) -> bool:
-    """Whether an exception out of the application means the client went away."""
-    return isinstance(exc, ConnectionError) or type(exc).__name__ in _DISCONNECT_NAMES
+def is_disconnect(exc: BaseException, send: object) -> bool:
+    """Whether an exception out of the application means the client went
+    away: one named so, an OSError raised inside the server's ``send`` (ASGI
+    2.4: an app's own OSError, from its database say, is an EXCEPTION), or an
+    exception group (anyio's task groups) holding one."""
+    if type(exc).__name__ in _DISCONNECT_NAMES:
+        return True
+    if isinstance(exc, OSError):
+        code = getattr(getattr(send, "__func__", send), "__code__", None)
+        traceback = exc.__traceback__
+        while traceback is not None:
+            if traceback.tb_frame.f_code is code:
+                return True
+            traceback = traceback.tb_next
+        return False
+    inner = getattr(exc, "exceptions", None)  # BaseExceptionGroup, Python 3.11+
+    if type(inner) is tuple:
+        for each in inner:
+            if isinstance(each, BaseException) and is_disconnect(each, send):
+                return True
+    return False
 
 
 class AsgiRequests:
@@ -129,6 +152,7 @@ def new_exchange(scope: dict[str, Any], send: Send) -> Exchange:
     exchange.bytes_out = 0
     exchange.first_byte = 0
     exchange.end = 0
+    exchange.trailers = False
     exchange.error_kind = _NONE
     return exchange
 
@@ -137,9 +161,9 @@ class Exchange:
     """One request in flight. It is the ``send`` the application gets:
     calling it notes the message and hands back the server's awaitable.
 
-    The request ends with its last body message (a Starlette background task
-    that runs after it is not the client's wait), or when the application
-    returns or raises without one. Taken as the message is handed over, the
+    The request ends with its last body message, or its last trailers when
+    it announced some (a Starlette background task that runs after it is not
+    the client's wait), or when the application returns or raises without one. Taken as the message is handed over, the
     end leaves out the server's wait for the client to take the chunk before."""
 
     _send: Send
@@ -149,20 +173,25 @@ class Exchange:
     bytes_in: int
     bytes_out: int
     first_byte: int  # monotonic ns of the first body message, 0 before
-    end: int  # monotonic ns of the last body message, 0 before
+    end: int  # monotonic ns of the last body (or trailers) message, 0 before
+    trailers: bool  # the response ends with trailers (HTTP trailers extension)
     error_kind: int
+    _is_coroutine = _ASYNCIO_MARK
+    _is_coroutine_marker = _INSPECT_MARK
 
     def __call__(self, message: Message) -> Awaitable[None]:
         self.note(message if type(message) is dict else dict(message))
         return self._send(message)
 
     def note(self, message: dict[str, Any]) -> None:
+        if self.end:  # complete: the server refuses what comes after
+            return
         kind = message["type"]
         if kind == "http.response.body":
             body = message.get("body")
             if body:
                 self.bytes_out += len(body)
-            if message.get("more_body", False):
+            if message.get("more_body", False) or self.trailers:
                 if not self.first_byte:
                     self.first_byte = monotonic_ns()
             else:
@@ -173,11 +202,14 @@ class Exchange:
             status = message["status"]
             # Not a status (a bug of the app's): -1, which record() refuses and counts.
             self.status = status if isinstance(status, int) and 0 <= status <= 0xFFFF else -1
+            self.trailers = bool(message.get("trailers", False))
+        elif kind == "http.response.trailers" and not message.get("more_trailers", False):
+            self.end = monotonic_ns()
 
     def failed(self, exc: BaseException) -> None:
         """The application raised ``exc``."""
         if self.error_kind == _NONE:
-            self.error_kind = _CLIENT_DISCONNECT if is_disconnect(exc) else _EXCEPTION
+            self.error_kind = _CLIENT_DISCONNECT if is_disconnect(exc, self._send) else _EXCEPTION
 
 
 def new_receiver(exchange: Exchange, receive: Receive) -> Receiver:
@@ -196,6 +228,8 @@ class Receiver:
 
     exchange: Exchange
     _receive: Receive
+    _is_coroutine = _ASYNCIO_MARK
+    _is_coroutine_marker = _INSPECT_MARK
 
     def __call__(self) -> Awaitable[Message]:
         return self.counted()

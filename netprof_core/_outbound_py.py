@@ -70,10 +70,15 @@ class OutboundHook:
                     route = self._route(method, host, port, url)
                 self.last_route = (method, host, port, route)  # one tuple: threads see all of it or none
         error_kind = 0 if exc is None else error_kind_of(exc)
-        if self.core is not None:  # compiled beside the Cython core: a C call
-            self.core.record_ints(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, 0)
-        else:
-            self.record_call(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind)
+        if self.core is not None:
+            try:  # compiled beside the Cython core: a C call
+                self.core.record_ints(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, 0)
+                return
+            except (OverflowError, TypeError):
+                # A number no C integer holds (a server's Content-Length of
+                # 2**64 - 1, say): record()'s rules decide, as in the twin.
+                pass
+        self.record_call(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind)
 
     def _route(self, method: str, host: str, port: int | None, url: object) -> int:
         # Without a path template the recorder is asked once per host; after

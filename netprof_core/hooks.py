@@ -101,12 +101,17 @@ class InboundHook:
         self.record = self.recorder.record
         self.route_ids: dict[str, dict[str, int]] = {}  # method -> template -> route id
         self._cached_routes = 0
+        self._cache_lock = threading.Lock()
 
     def intern(self, template: str, method: str) -> int:
         route = self.recorder.route_id(
             template, method if method in KNOWN_METHODS else "OTHER", Direction.INBOUND
         )
-        if self._cached_routes < ROUTE_CACHE_LIMIT:  # a route_key may return anything
-            self.route_ids.setdefault(method, {})[template] = route
-            self._cached_routes += 1
+        # A miss is rare, and threads may miss the same route at once: counted once.
+        with self._cache_lock:
+            if self._cached_routes < ROUTE_CACHE_LIMIT:  # a route_key, or a client's method, may be anything
+                templates = self.route_ids.setdefault(method, {})
+                if template not in templates:
+                    templates[template] = route
+                    self._cached_routes += 1
         return route

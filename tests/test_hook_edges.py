@@ -4,6 +4,7 @@ returns or raises, must neither disturb the app nor the profile."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
@@ -219,9 +220,15 @@ def test_a_background_task_is_not_the_clients_wait(make_recorder) -> None:
     assert 0 < record.ttfb_ns <= record.duration_ns
 
 
-@pytest.mark.parametrize(
-    "gone", [ConnectionResetError, BrokenPipeError, type("ClientDisconnected", (OSError,), {})]
-)
+class ClientDisconnected(OSError):
+    """uvicorn's and hypercorn's name for it."""
+
+
+class PeerGone(OSError):
+    """An ASGI 2.4 server's own OSError, named as it likes."""
+
+
+@pytest.mark.parametrize("gone", [ConnectionResetError, BrokenPipeError, ClientDisconnected, PeerGone])
 def test_a_send_that_fails_because_the_client_left_is_a_disconnect(make_recorder, gone: type) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -236,6 +243,107 @@ def test_a_send_that_fails_because_the_client_left_is_a_disconnect(make_recorder
         run_asgi(ASGIMiddleware(app, recorder=recorder), send)
     (record,) = recorder.snapshot().records
     assert (record.status, record.error_kind) == (200, ErrorKind.CLIENT_DISCONNECT)
+
+
+def test_an_apps_own_connection_error_is_an_exception(make_recorder) -> None:
+    """The app's database refusing a connection is not the client leaving."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise ConnectionRefusedError("the database refused the connection")
+
+    recorder = make_recorder()
+    with pytest.raises(ConnectionRefusedError):
+        run_asgi(ASGIMiddleware(app, recorder=recorder))
+    (record,) = recorder.snapshot().records
+    assert record.error_kind == ErrorKind.EXCEPTION
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups are Python 3.11+")
+def test_a_disconnect_inside_a_task_group_is_a_disconnect(make_recorder) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"part", "more_body": True})
+
+        async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+            group.create_task(stream())
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            raise ClientDisconnected()
+
+    recorder = make_recorder()
+    with pytest.raises(BaseException) as raised:
+        run_asgi(ASGIMiddleware(app, recorder=recorder), send)
+    assert type(raised.value).__name__ == "ExceptionGroup"
+    (record,) = recorder.snapshot().records
+    assert record.error_kind == ErrorKind.CLIENT_DISCONNECT
+
+
+def test_a_response_with_trailers_ends_with_them(make_recorder) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
+        await send({"type": "http.response.body", "body": b"data"})
+        await asyncio.sleep(0.05)  # computing the checksum
+        await send({"type": "http.response.trailers", "headers": [(b"checksum", b"abc")]})
+
+    recorder = make_recorder()
+    run_asgi(ASGIMiddleware(app, recorder=recorder))
+    (record,) = recorder.snapshot().records
+    assert (record.status, record.bytes_out, record.error_kind) == (200, 4, ErrorKind.NONE)
+    assert record.duration_ns >= 50_000_000
+
+
+def test_the_app_gets_coroutine_functions(make_recorder) -> None:
+    """``send`` and ``receive`` look like the server's: asgiref's
+    async_to_sync (Django Channels) asks."""
+    seen: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.extend(asyncio.iscoroutinefunction(f) for f in (send, receive))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body"})
+
+    run_asgi(ASGIMiddleware(app, recorder=make_recorder()))
+    assert seen == [True, True]
+
+
+def test_a_template_that_is_a_str_subclass_is_a_template(make_recorder) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    class Template(str):
+        pass
+
+    async def item(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("x")
+
+    route = Route("/items/{item_id}", item)
+    route.path_format = Template(route.path_format)
+    recorder = make_recorder()
+    run_asgi(ASGIMiddleware(Starlette(routes=[route]), recorder=recorder), path="/items/3")
+    (record,) = recorder.snapshot().records
+    assert (record.route.template, record.status) == ("/items/{item_id}", 200)
+
+
+def test_a_content_length_no_c_integer_holds_is_still_recorded(make_recorder) -> None:
+    """A server answering Content-Length 2**64 - 1 (a -1 cast to unsigned):
+    recorded, not an error of netprof's, which would switch recording off."""
+    import httpx
+
+    from netprof_core.clients import instrument_httpx_client
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=[("content-length", str(2**64 - 1))], stream=httpx.ByteStream(b""))
+
+    recorder = make_recorder()
+    with instrument_httpx_client(httpx.Client(transport=httpx.MockTransport(handler)), recorder) as client:
+        for _ in range(10):
+            client.get("http://upstream.example/x")
+    snapshot = recorder.snapshot()
+    assert (snapshot.counters.requests, snapshot.counters.internal_errors) == (10, 0)
+    assert {record.bytes_in for record in snapshot.records} == {2**64 - 1}
 
 
 def test_a_request_leaves_no_garbage_for_the_collector(make_recorder) -> None:
