@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -263,7 +263,7 @@ class SegmentSnapshot:
     # False when the writer died inside an update: one request may be half-applied.
     complete: bool = True
     # The statistics copy itself, and the names of its routes by id: what
-    # :meth:`route_blocks` sums from when ``routes`` was not built. ``blocks``
+    # the daemon's sums are made from when ``routes`` was not built. ``blocks``
     # holds each route's block, packed; a snapshot taken by
     # :meth:`SegmentReader.refresh` shares its unchanged blocks with the last one.
     blocks: tuple[PackedBlock, ...] = field(default=(), repr=False, compare=False)
@@ -273,25 +273,6 @@ class SegmentSnapshot:
     @property
     def app_name(self) -> str:
         return self.header.app_name
-
-    def changed_route_blocks(
-        self, earlier: SegmentSnapshot
-    ) -> Iterator[tuple[RouteKey, PackedBlock | None, PackedBlock]]:
-        """(key, block then or None, block now) of each route that recorded
-        since ``earlier``, a snapshot of the same segment. A route's block
-        changes only with its count, so unchanged routes cost one comparison."""
-        then = earlier.blocks
-        for route_id, (key, block) in enumerate(zip(self.route_keys, self.blocks)):
-            if route_id < len(then):
-                if block is then[route_id] or block.count == then[route_id].count:
-                    continue
-                yield key, then[route_id], block
-            else:
-                yield key, None, block
-
-    def route_blocks(self) -> Iterator[tuple[RouteKey, PackedBlock]]:
-        """Each route's block (see ``_layout``), packed, for :class:`RouteSums`."""
-        yield from zip(self.route_keys, self.blocks)
 
     @property
     def memory_bytes(self) -> int:
@@ -485,7 +466,7 @@ class SegmentReader:
         sequence: int | None = None,
     ) -> SegmentSnapshot:
         """A consistent snapshot. ``routes=False`` leaves ``routes`` empty (sum
-        :meth:`SegmentSnapshot.route_blocks` instead: no object per route);
+        ``blocks`` by ``route_keys`` instead: no object per route);
         ``alive``: whether the writer is alive, when the caller just checked.
         ``meta`` and ``sequence``: what :meth:`poll` returned just now, when
         the caller has it."""
