@@ -15,9 +15,10 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, errno
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from posix.types cimport off_t
-from posix.fcntl cimport O_CLOEXEC, O_RDONLY
+from posix.fcntl cimport F_UNLCK, F_WRLCK, O_CLOEXEC, O_RDONLY, SEEK_SET
+from posix.fcntl cimport fcntl as c_fcntl, flock as c_flock
 from posix.fcntl cimport open as c_open
 from posix.unistd cimport close as c_close
 from posix.unistd cimport pread
@@ -913,6 +914,23 @@ def proc_start_ticks(pid_number: int):
     if i >= n:
         raise IndexError("no start time in /proc/<pid>/stat")
     return int(buf[i:n].split(None, 1)[0])
+
+
+cdef extern from "<fcntl.h>":
+    int F_OFD_GETLK  # Linux >= 3.15 (Python.h defines _GNU_SOURCE first)
+
+
+def segment_locked(int fd) -> bool:
+    """True if some open file holds a lock on the segment open at ``fd``
+    (then its writer is alive); False if none does, or if the file system
+    cannot tell (then ask /proc: see ``segment.process_alive``)."""
+    cdef c_flock probe
+    memset(&probe, 0, sizeof(probe))
+    probe.l_type = F_WRLCK
+    probe.l_whence = SEEK_SET
+    if c_fcntl(fd, F_OFD_GETLK, &probe) != 0:
+        return False
+    return probe.l_type != F_UNLCK
 
 
 # -- objects the daemon makes for every process it reads -----------------------

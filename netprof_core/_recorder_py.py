@@ -6,6 +6,7 @@ Both apply the same updates, in the same order, to the segment described in
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import threading
@@ -610,6 +611,26 @@ def proc_start_ticks(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+# The writer holds a read lock on its whole segment file for as long as it
+# has the file open: an open file description lock (F_OFD_*), which belongs
+# to the open file, not to the process, so neither a reader in the writer's
+# own process nor a forked child that closes its copy can drop it, and the
+# kernel drops it when the writer ends, however it ends.
+FLOCK_STRUCT = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux (x86-64, arm64)
+_WRITE_LOCK_PROBE = FLOCK_STRUCT.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+
+
+def segment_locked(fd: int) -> bool:
+    """True if some open file holds a lock on the segment open at ``fd``
+    (then its writer is alive); False if none does, or if the file system
+    cannot tell (then ask /proc: see ``segment.process_alive``)."""
+    try:
+        found = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _WRITE_LOCK_PROBE)
+    except OSError:
+        return False
+    return FLOCK_STRUCT.unpack(found)[0] != fcntl.F_UNLCK
 
 
 # -- objects the daemon makes for every process it reads -----------------------

@@ -25,7 +25,15 @@ from ._recorder import add_counts, core_module
 from .control import ControlState, SegmentControl, read_control_words
 from .histogram import Histogram, add_packed, pack_words, subtract_packed
 from .log import segment_logger
-from .segment import SegmentError, SegmentHeader, _layout_and_size, parse_header, process_alive, segment_paths
+from .segment import (
+    SegmentError,
+    SegmentHeader,
+    _layout_and_size,
+    parse_header,
+    process_alive,
+    segment_paths,
+    writer_alive,
+)
 
 __all__ = (
     "Counters",
@@ -414,6 +422,14 @@ class SegmentReader:
             self._control = SegmentControl(self._buf, self.header)
         return self._control
 
+    def writer_alive(self) -> bool:
+        """True while the process writing this segment is alive: it holds the
+        segment's lock (one fcntl on the open file), else /proc says so."""
+        header = self.header
+        if self._fd is None:
+            return process_alive(header.pid, header.start_ticks)
+        return writer_alive(self._fd, header.pid, header.start_ticks)
+
     def live_sequence(self) -> int:
         """The live statistics' sequence counter: it moves with every record, so
         a reader can tell at the cost of one read whether anything changed."""
@@ -482,7 +498,7 @@ class SegmentReader:
         # Asked before the copy, as closed_ns: a writer gone by then wrote
         # everything it will ever write.
         if alive is None and not closed_ns:
-            alive = process_alive(header.pid, header.start_ticks)
+            alive = self.writer_alive()
         keys = self._route_keys(route_count)
         sparse = None
         if not routes:  # only what the daemon keeps: read no more than that (see read_blocks)
@@ -723,7 +739,7 @@ class SegmentReader:
             data = self._copy_stats(live, size)
             if data is not None:
                 return data, "live", True
-        if not process_alive(self.header.pid, self.header.start_ticks):
+        if not self.writer_alive():
             # The writer died; an odd counter means inside an update.
             seq = self._word(live)
             return self._read_into(live, size), "final", not seq & 1

@@ -105,8 +105,11 @@ class Recorder:
             "created_ns": created_ns,
         }
         path: Path | None
+        lock_fd: int | None
         try:
-            path, buf = create_segment(self.config.segment_dir, self.config.app_name, self.layout, **contents)
+            path, buf, lock_fd = create_segment(
+                self.config.segment_dir, self.config.app_name, self.layout, **contents
+            )
         except (OSError, ValueError) as exc:  # ValueError: a path the OS cannot take
             if not self.config.graceful_degradation:
                 raise
@@ -117,10 +120,13 @@ class Recorder:
                 self.config.segment_dir,
                 exc,
             )
-            path, buf = None, mmap.mmap(-1, self.layout.total_size)
+            path, buf, lock_fd = None, mmap.mmap(-1, self.layout.total_size), None
             format_segment(buf, self.config.app_name, self.layout, **contents)
         self.path = path
         self._buf: mmap.mmap = buf
+        # Held open, locked, while this process writes the segment: its
+        # writer is alive for readers (segment.writer_alive) until it closes.
+        self._lock_fd = lock_fd
         self._pid = os.getpid()
         self.header = parse_header(buf, path or "<private>")
         self.control = SegmentControl(buf, self.header)
@@ -249,6 +255,7 @@ class Recorder:
         self._core.release()
         self._mark_closed()
         self._buf.close()
+        self._release_lock()
         if remove and self.path is not None:
             self.path.unlink(missing_ok=True)
         _recorders.discard(self)
@@ -267,10 +274,18 @@ class Recorder:
         control[L.C_CLEAN_FLOOR] = control[L.C_PUBLISH_REQUEST] = control[L.C_RESET_ERRORS_REQUEST] = 0
         self._overflowed = 0  # the parent's segment counts its own
         parent_buf = self._buf
+        # The parent's lock stays with the parent: the child's copy of its
+        # descriptor is closed, so the parent's end still shows.
+        self._release_lock()
         self._core.release()  # not one more write to the parent's segment, whatever happens next
         self._open_segment(control)
         self._core.rebind(self._buf, self._seed())
         parent_buf.close()
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _mark_closed(self) -> None:
         """Mark this process's own segment closed, once (close() and exit both come here)."""
@@ -376,4 +391,3 @@ def _at_exit() -> None:
             recorder._mark_closed()
         except Exception:
             pass
-

@@ -18,10 +18,13 @@ from typing import Any
 
 from . import _layout as L
 from ._recorder import core_module
+from ._recorder_py import FLOCK_STRUCT
 from .log import segment_logger
 
 _proc_start_ticks = core_module().proc_start_ticks
 _new_frozen = core_module().new_frozen
+_segment_locked = core_module().segment_locked
+_WHOLE_FILE_READ_LOCK = FLOCK_STRUCT.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
 
 __all__ = (
     "SegmentError",
@@ -29,12 +32,14 @@ __all__ = (
     "create_segment",
     "daemon_running",
     "format_segment",
+    "lock_segment",
     "map_segment",
     "parse_header",
     "process_alive",
     "process_start_ticks",
     "remove_stale_segments",
     "segment_paths",
+    "writer_alive",
 )
 
 # Owner read-write, group read: netprofd reads through a shared group.
@@ -181,6 +186,14 @@ def process_alive(pid: int, start_ticks: int) -> bool:
     return _proc_start_ticks(pid) == start_ticks  # (process_start_ticks, one call less)
 
 
+def writer_alive(fd: int, pid: int, start_ticks: int) -> bool:
+    """True while the writer of the segment open at ``fd`` is alive: it holds
+    its lock (one fcntl), or, for a segment whose lock cannot be seen (a file
+    system without open file description locks), ``pid`` still names the
+    process that started at ``start_ticks`` (/proc)."""
+    return _segment_locked(fd) or process_alive(pid, start_ticks)
+
+
 def _safe_name(app_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", app_name)[: L.APP_NAME_MAX] or "app"
 
@@ -190,9 +203,11 @@ def create_segment(
     app_name: str,
     layout: L.SegmentLayout,
     **contents: Any,
-) -> tuple[Path, mmap.mmap]:
+) -> tuple[Path, mmap.mmap, int]:
     """Make, map and format a new segment file for this process (``contents``
-    as for :func:`format_segment`)."""
+    as for :func:`format_segment`). Returns its path, its mapping and the
+    file descriptor that holds the writer's lock: keep it open while the
+    segment is written, close it after marking the segment closed."""
     directory = Path(directory)
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
@@ -200,18 +215,30 @@ def create_segment(
     pid = os.getpid()
     ticks = process_start_ticks(pid) or 0
     path = directory / f"{_safe_name(app_name)}-{pid}-{ticks}-{next(_sequence)}{L.SEGMENT_SUFFIX}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, SEGMENT_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SEGMENT_MODE)
     try:
         os.fchmod(fd, SEGMENT_MODE)  # the umask must not widen or narrow it
+        # Locked before the magic is written: a reader never sees a segment
+        # whose writer is alive without the lock (see process_alive).
+        lock_segment(fd)
         os.ftruncate(fd, layout.total_size)
         buf = mmap.mmap(fd, layout.total_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         format_segment(buf, app_name, layout, start_ticks=ticks, **contents)
     except BaseException:
         path.unlink(missing_ok=True)
-        raise
-    finally:
         os.close(fd)
-    return path, buf
+        raise
+    return path, buf, fd
+
+
+def lock_segment(fd: int) -> None:
+    """Take the writer's lock: a read lock on the whole file, held by the open
+    file (F_OFD_SETLK) until its last descriptor is closed. A file system
+    without such locks leaves liveness to /proc."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE_READ_LOCK)
+    except OSError as exc:
+        segment_logger.debug("cannot lock segment (liveness falls back to /proc): %s", exc)
 
 
 def format_segment(
@@ -350,13 +377,14 @@ def remove_stale_segments(
                 if not stat.S_ISREG(info.st_mode):
                     continue
                 header = parse_header(os.pread(fd, L.HEADER_SIZE, 0), path, file_size=info.st_size)
+                alive = not header.closed and writer_alive(fd, header.pid, header.start_ticks)
             finally:
                 os.close(fd)
         except (OSError, SegmentError):
             continue  # a foreign or half-made file is not ours to delete
         if header.closed:
             ended_ns = header.closed_ns
-        elif process_alive(header.pid, header.start_ticks):
+        elif alive:
             continue
         else:
             ended_ns = max(header.created_ns, info.st_mtime_ns)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from netprof_core import RouteKey, RouteStats, SegmentBusy, SegmentError, SegmentReader, SegmentSnapshot
 from netprof_core._layout import DAEMON_LOCK_NAME, SEGMENT_SUFFIX
-from netprof_core.segment import process_alive
 
 from .log import store_logger
 from .totals import CounterTotals, Totals
@@ -201,7 +200,6 @@ class SegmentStore:
         store_logger.warning("skipping %s: %s", path, exc.reason if isinstance(exc, SegmentError) else exc)
 
     def _update(self, path: str, entry: ProcessEntry) -> None:
-        header = entry.snapshot.header
         try:
             # Closed time and control words before the statistics: see SegmentReader.meta.
             meta, sequence = entry.reader.poll()
@@ -212,8 +210,8 @@ class SegmentStore:
             return
         closed_ns, control_words = meta[0], meta[1]
         # A process that recorded since the last tick was alive a moment ago;
-        # only an idle one is asked (/proc) whether it has ended.
-        ended = sequence == entry.sequence and not process_alive(header.pid, header.start_ticks)
+        # only an idle one is asked (its lock, else /proc) whether it has ended.
+        ended = sequence == entry.sequence and not entry.reader.writer_alive()
         # A reload, the API or the CLI may have written the control block without
         # a record since: the snapshot stands only if that is unchanged too.
         control_same = control_words == entry.control_words

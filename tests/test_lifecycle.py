@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from netprof_core import Direction, ProfilingConfig, Recorder, read_segment
+from netprof_core import Direction, ProfilingConfig, Recorder, SegmentReader, read_segment
 from netprof_core import _layout as L
+from netprof_core._recorder import core_module
 from netprof_core.segment import (
     STALE_AFTER_SECONDS,
     daemon_running,
@@ -31,6 +32,7 @@ from netprof_core.segment import (
     process_start_ticks,
     remove_stale_segments,
 )
+from netprof_daemon.store import SegmentStore
 
 MakeRecorder = Callable[..., Recorder]
 
@@ -256,6 +258,119 @@ def test_os_exit_skips_close_but_the_segment_stays_readable(implementation: str,
     assert snap.counters.requests == 5
 
 
+# -- the writer's lock: liveness without /proc ------------------------------------------------------------------
+
+# A process that forks: its child lives on, it ends at once (without closing
+# its segment). Prints its segment, then the child's pid and segment.
+_FORKING = r"""
+import os, sys, time
+from netprof_core import ProfilingConfig, Recorder
+rec = Recorder(ProfilingConfig(segment_dir=sys.argv[1], app_name="forking"), implementation=sys.argv[2])
+print(rec.path, flush=True)
+if os.fork() == 0:
+    print(os.getpid(), rec.path, flush=True)
+    time.sleep(600)
+os._exit(0)
+"""
+
+
+def _locked(implementation: str, path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return bool(core_module(implementation).segment_locked(fd))
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_holds_its_segment_lock_until_it_closes(
+    make_recorder: MakeRecorder, implementation: str
+) -> None:
+    rec = make_recorder()
+    assert _locked(implementation, rec.path)
+    with SegmentReader(rec.path) as reader:
+        assert reader.writer_alive()
+        reader.close()  # a reader's close in the writer's own process leaves the lock alone
+    assert _locked(implementation, rec.path)
+    rec.close()
+    assert not _locked(implementation, rec.path)
+
+
+def test_a_sigkilled_writer_leaves_no_lock(implementation: str, segment_dir: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(segment_dir), implementation, "wait"],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        path = Path(proc.stdout.readline().strip())
+        assert _locked(implementation, path)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert not _locked(implementation, path)
+    with SegmentReader(path) as reader:
+        assert not reader.writer_alive()
+
+
+def test_a_forked_child_does_not_keep_its_parents_segment_alive(
+    implementation: str, segment_dir: Path
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FORKING, str(segment_dir), implementation],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child_pid = None
+    try:
+        assert proc.stdout is not None
+        parent_path = Path(proc.stdout.readline().strip())
+        child_pid_text, child_path_text = proc.stdout.readline().split()
+        child_pid, child_path = int(child_pid_text), Path(child_path_text)
+        assert proc.wait(timeout=60) == 0
+        assert child_path != parent_path
+        assert _locked(implementation, child_path), "the child writes its own segment, locked"
+        assert not _locked(implementation, parent_path), "the parent has ended; its child closed its copy"
+        with SegmentReader(parent_path) as reader:
+            assert not reader.writer_alive()
+            assert reader.snapshot().source == "final"
+    finally:
+        if child_pid is not None:
+            os.kill(child_pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_writer_whose_pid_this_host_cannot_see_stays_live_while_locked(
+    make_recorder: MakeRecorder, segment_dir: Path
+) -> None:
+    """A writer in another PID namespace (a container sharing the segment
+    directory) has a pid /proc does not know: its lock says it is alive."""
+    rec = make_recorder()
+    rec.record(rec.route_id("/x"), 200, T0, T0 + 10)
+    unseen = 2**22 + 12_345  # above any pid_max: no process here has it
+    L.U64.pack_into(rec._buf, L.HEADER_OFFSETS["pid"], unseen)
+    assert not process_alive(unseen, rec.header.start_ticks)
+    store = SegmentStore(segment_dir)
+    try:
+        store.refresh()
+        store.refresh()  # nothing recorded since: an idle writer is asked whether it lives
+        assert [entry.snapshot.header.pid for entry in store.live()] == [unseen]
+        assert store.apps()["test-app"].counters.requests == 1
+        rec.close()
+        store.refresh()
+        assert list(store.live()) == [], "closed: folded into the retired totals"
+        assert store.apps()["test-app"].counters.requests == 1
+    finally:
+        store.close()
+
+
 # -- stale segments ------------------------------------------------------------------------------------------
 
 
@@ -373,9 +488,8 @@ def test_close_remove_deletes_the_file_and_later_calls_do_nothing(make_recorder:
     hot_path("junk", None, -1, -2)
     with rec.measure("/x"):
         pass
-    with pytest.raises(KeyError):
-        with rec.measure("/x"):
-            raise KeyError("still raised")
+    with pytest.raises(KeyError), rec.measure("/x"):
+        raise KeyError("still raised")
     rec.route_id("/after-close")
     rec.internal_error(RuntimeError("ignored"))
     rec.close()
