@@ -242,6 +242,10 @@ R_BYTES_OUT: Final = 6
 R_TTFB_SUM_NS: Final = 7
 R_STATUS_CLASSES: Final = 8  # 6 words: no status, 1xx, 2xx, 3xx, 4xx, 5xx
 R_ERROR_KINDS: Final = 14  # ERROR_KINDS words, by ErrorKind
+# The shortest duration counted: with R_MAX_NS, the bucket range that can be
+# nonzero, all a reader needs to copy. 0 in a segment from before it was kept
+# (bucket 0 on: the whole range), as for a route not used yet.
+R_MIN_NS: Final = R_ERROR_KINDS + ERROR_KINDS
 ROUTE_HEADER_WORDS: Final = 32
 ROUTE_BLOCK_WORDS: Final = ROUTE_HEADER_WORDS + HIST_BUCKETS
 STATUS_CLASSES: Final = 6

@@ -17,19 +17,22 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, errno
 from libc.string cimport memcpy, memset
 from posix.types cimport off_t
-from posix.fcntl cimport F_UNLCK, F_WRLCK, O_CLOEXEC, O_RDONLY, SEEK_SET
+from posix.fcntl cimport F_UNLCK, F_WRLCK, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_RDWR, SEEK_SET
+from posix.stat cimport S_ISREG, fstat as c_fstat, struct_stat
+from libc.errno cimport EACCES, EPERM, EROFS
 from posix.fcntl cimport fcntl as c_fcntl, flock as c_flock
 from posix.fcntl cimport open as c_open
 from posix.unistd cimport close as c_close
 from posix.unistd cimport pread
 from posix.unistd cimport read as c_read
 from libc.stdio cimport snprintf
-from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno, PyErr_SetFromErrnoWithFilenameObject
 
 from cpython.long cimport PyLong_Check
 
 from netprof_core._cdefs cimport np_bit_length, np_monotonic_ns, np_release_fence
 
+import os
 from array import array as _array
 
 from netprof_core import _layout as L
@@ -75,6 +78,7 @@ cdef Py_ssize_t R_BYTES_OUT = L.R_BYTES_OUT
 cdef Py_ssize_t R_TTFB_SUM_NS = L.R_TTFB_SUM_NS
 cdef Py_ssize_t R_STATUS_CLASSES = L.R_STATUS_CLASSES
 cdef Py_ssize_t R_ERROR_KINDS = L.R_ERROR_KINDS
+cdef Py_ssize_t R_MIN_NS = L.R_MIN_NS
 cdef Py_ssize_t ROUTE_HEADER_WORDS = L.ROUTE_HEADER_WORDS
 cdef Py_ssize_t ROUTE_BLOCK_WORDS = L.ROUTE_BLOCK_WORDS
 cdef Py_ssize_t ROUTES_START = L.ROUTES_START
@@ -238,6 +242,8 @@ cdef class RecorderCore:
         r[R_SUM_NS] += duration
         if duration > r[R_MAX_NS]:
             r[R_MAX_NS] = duration
+        if duration < r[R_MIN_NS] or r[R_COUNT] == 1:
+            r[R_MIN_NS] = duration
         r[R_BYTES_IN] += bytes_in
         r[R_BYTES_OUT] += bytes_out
         r[R_TTFB_SUM_NS] += ttfb_ns
@@ -766,6 +772,7 @@ cdef int _swap_ascending(uint64_t* w, const char* ov, const uint16_t* oi, Py_ssi
 
 # Where read_blocks reads one route block (the GIL is held: one serves all).
 cdef uint64_t _block_buf[4096]
+cdef uint64_t _head_buf[4096]  # the global words and the head of the overhead histogram (read_live)
 if ROUTE_BLOCK_WORDS > 4096:
     raise ImportError("a route block is larger than read_blocks' buffer")
 
@@ -785,28 +792,15 @@ cdef int _pread_exact(int fd, void* buf, Py_ssize_t size, Py_ssize_t offset) exc
     return 0
 
 
-def read_packed(int fd, Py_ssize_t offset, Py_ssize_t count) -> bytes:
-    """The nonzero words of the ``count`` u64 words at byte ``offset`` of the
-    file ``fd``, packed (as ``pack_words``). ValueError if the file is shorter."""
-    if offset < 0 or not 0 <= count <= 4096:
-        raise ValueError(f"cannot read {count} words at {offset}")
-    _pread_exact(fd, _block_buf, count * WORD, offset)
-    return _pack(_block_buf, count)
-
-
-def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then not None,
-                bint moved=False) -> tuple:
+def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then not None) -> tuple:
     """What ``pack_blocks`` gives for the statistics area at byte ``offset``
     of the file ``fd``, reading only what it needs: each route's counters,
-    then, for a route whose count moved since ``then``, its histogram up to
-    the bucket of its maximum (those above are empty: each duration counted
-    is at most the maximum). ``moved``: most routes are expected to have
-    moved, so a route's counters and its histogram up to its maximum then
-    (a route not in ``then``: up to the highest maximum's bucket read so
-    far) are read at once (one read instead of two). Consistent only between two
-    equal reads of the sequence counter, as any read of the area. ValueError
-    if the file is shorter."""
-    cdef Py_ssize_t r, at, top, got, known = len(then), highest = ROUTE_HEADER_WORDS
+    then, for a route whose count moved since ``then``, its histogram from
+    the bucket of its minimum to the bucket of its maximum (the others are
+    empty: each duration counted lies between the two). Consistent only
+    between two equal reads of the sequence counter, as any read of the
+    area. ValueError if the file is shorter."""
+    cdef Py_ssize_t r, at, low, top, known = len(then)
     cdef uint64_t count, max_ns
     cdef bytes packed
     cdef PackedBlock old, block
@@ -817,22 +811,23 @@ def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then no
     for r in range(route_count):
         at = offset + (ROUTES_START + r * ROUTE_BLOCK_WORDS) * WORD
         old = <PackedBlock?>then[r] if r < known else None
-        got = ROUTE_HEADER_WORDS
-        if moved:
-            got = ROUTE_HEADER_WORDS + <Py_ssize_t>bucket_index(old.max_ns) + 1 if old is not None else highest
-        _pread_exact(fd, _block_buf, got * WORD, at)
-        if old is not None and old.count == _block_buf[R_COUNT]:
+        _pread_exact(fd, _block_buf, ROUTE_HEADER_WORDS * WORD, at)
+        count = _block_buf[R_COUNT]
+        if old is not None and old.count == count:
             out[r] = old
             continue
+        max_ns = _block_buf[R_MAX_NS]
         # No record, no bucket: a route never used (the overflow route, mostly) is its counters.
-        top = ROUTE_HEADER_WORDS + (<Py_ssize_t>bucket_index(_block_buf[R_MAX_NS]) + 1 if _block_buf[R_COUNT] else 0)
-        if top > got:
-            _pread_exact(fd, _block_buf + got, (top - got) * WORD, at + got * WORD)
-        highest = max(highest, top)
+        top = ROUTE_HEADER_WORDS
+        if count:
+            top += <Py_ssize_t>bucket_index(max_ns) + 1
+            low = ROUTE_HEADER_WORDS + <Py_ssize_t>bucket_index(_block_buf[R_MIN_NS])
+            if low >= top:  # a minimum above the maximum: not read whole, so not trusted
+                low = ROUTE_HEADER_WORDS
+            memset(_block_buf + ROUTE_HEADER_WORDS, 0, (low - ROUTE_HEADER_WORDS) * WORD)
+            _pread_exact(fd, _block_buf + low, (top - low) * WORD, at + low * WORD)
         # Everything taken from the shared buffer before an object is made
         # (making one may run a collection, and finalizers, that read too).
-        count = _block_buf[R_COUNT]
-        max_ns = _block_buf[R_MAX_NS]
         packed = _pack(_block_buf, top)
         block = PackedBlock.__new__(PackedBlock)
         block.count = count
@@ -843,31 +838,87 @@ def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then no
     return tuple(out)
 
 
+# The overhead histogram's buckets read with the global words, in one read:
+# up to 2**12 ns (a record's own cost is well under that); more when needed.
+cdef Py_ssize_t OVERHEAD_HEAD_BUCKETS = 256
+
+
 def read_live(int fd, Py_ssize_t offset, uint64_t seq, Py_ssize_t route_count, tuple then not None,
-              uint64_t requests_then=0, overhead_count_then=None):
+              overhead_count_then=None):
     """The global words (a tuple), the route blocks (``read_blocks``) and the
     overhead histogram, packed (None when its count is still
     ``overhead_count_then``), of the statistics area at byte ``offset`` of
     the file ``fd``, if its sequence counter, ``seq`` when read before
-    (even), is still ``seq`` after reading them; else None. ``requests_then``:
-    the requests counted when ``then`` was read (to tell whether most routes
-    moved). The overhead histogram is read up to the bucket of its maximum."""
-    cdef uint64_t g[16]
+    (even), is still ``seq`` after reading them; else None. The overhead
+    histogram is read up to the bucket of its maximum."""
+    cdef uint64_t* g = _head_buf
     cdef uint64_t after
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, buckets, have
+    cdef bint wanted
     if GLOBAL_WORDS != 16:
         raise ValueError("the global words are not 16")
-    _pread_exact(fd, g, GLOBAL_WORDS * WORD, offset)
+    _pread_exact(fd, g, (GLOBAL_WORDS + OVERHEAD_HEAD_BUCKETS) * WORD, offset)
     globals_ = tuple([g[i] for i in range(GLOBAL_WORDS)])
-    # Records enough to have moved most routes (as the daemon's every-route tick).
-    blocks = read_blocks(fd, offset, route_count, then, 2 * (g[G_NEXT_INDEX] - requests_then) >= <uint64_t>route_count)
     overhead = None
-    if overhead_count_then is None or g[G_OVERHEAD_COUNT] != <uint64_t>overhead_count_then:
-        overhead = read_packed(fd, offset + OVERHEAD_HIST * WORD, <Py_ssize_t>bucket_index(g[G_OVERHEAD_MAX_NS]) + 1)
+    wanted = overhead_count_then is None or g[G_OVERHEAD_COUNT] != <uint64_t>overhead_count_then
+    if wanted:
+        buckets = <Py_ssize_t>bucket_index(g[G_OVERHEAD_MAX_NS]) + 1
+        have = min(buckets, OVERHEAD_HEAD_BUCKETS)
+        if buckets > have:
+            _pread_exact(fd, g + GLOBAL_WORDS + have, (buckets - have) * WORD,
+                         offset + (OVERHEAD_HIST + have) * WORD)
+        overhead = _pack(g + GLOBAL_WORDS, buckets)
+    blocks = read_blocks(fd, offset, route_count, then)
     _pread_exact(fd, &after, WORD, offset + G_SEQ * WORD)
     if after != seq:
         return None
     return globals_, blocks, overhead
+
+
+# -- opening a segment: what a reader does first, for each segment it finds ----
+
+cdef char _head[65536]
+
+
+def open_segment(path not None, Py_ssize_t head_size) -> tuple:
+    """Open the file at ``path`` to read and write it, else (no permission
+    to write) to read it, without blocking (a FIFO named like a segment must
+    not hang the caller), close-on-exec, and read its first ``head_size``
+    bytes: ``(fd, writable, size, head)``, ``size`` -1 (and ``head`` empty)
+    if it is not a regular file, ``head`` shorter if the file is. OSError if
+    it cannot be opened or read (then nothing is left open)."""
+    cdef bytes encoded = os.fsencode(path)
+    cdef int fd, flags = O_NONBLOCK | O_CLOEXEC
+    cdef bint writable = True
+    cdef struct_stat info
+    cdef ssize_t got
+    if not 0 <= head_size <= <Py_ssize_t>sizeof(_head):
+        raise ValueError(f"cannot read a head of {head_size} bytes")
+    fd = c_open(encoded, O_RDWR | flags)
+    if fd < 0:
+        if errno != EACCES and errno != EPERM and errno != EROFS:
+            PyErr_SetFromErrnoWithFilenameObject(OSError, path)
+            return None
+        writable = False
+        fd = c_open(encoded, O_RDONLY | flags)
+        if fd < 0:
+            PyErr_SetFromErrnoWithFilenameObject(OSError, path)
+            return None
+    if c_fstat(fd, &info) != 0:
+        PyErr_SetFromErrnoWithFilenameObject(OSError, path)
+        c_close(fd)
+        return None
+    if not S_ISREG(info.st_mode):
+        return fd, writable, -1, b""
+    while True:
+        got = pread(fd, _head, <size_t>head_size, 0)
+        if got >= 0 or errno != EINTR:
+            break
+    if got < 0:
+        PyErr_SetFromErrnoWithFilenameObject(OSError, path)
+        c_close(fd)
+        return None
+    return fd, writable, info.st_size, PyBytes_FromStringAndSize(_head, got)
 
 
 # -- liveness of a writer: what the daemon asks of each idle process per tick --

@@ -6,8 +6,10 @@ Both apply the same updates, in the same order, to the segment described in
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import struct
 import threading
 import time
@@ -177,6 +179,8 @@ class RecorderCore:
                 w[r + L.R_SLOW] += 1
             w[r + L.R_SUM_NS] = (w[r + L.R_SUM_NS] + duration) & MASK64
             w[r + L.R_MAX_NS] = max(w[r + L.R_MAX_NS], duration)
+            if duration < w[r + L.R_MIN_NS] or w[r + L.R_COUNT] == 1:
+                w[r + L.R_MIN_NS] = duration
             w[r + L.R_BYTES_IN] = (w[r + L.R_BYTES_IN] + bytes_in) & MASK64
             w[r + L.R_BYTES_OUT] = (w[r + L.R_BYTES_OUT] + bytes_out) & MASK64
             w[r + L.R_TTFB_SUM_NS] = (w[r + L.R_TTFB_SUM_NS] + ttfb_ns) & MASK64
@@ -499,59 +503,50 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-def read_packed(fd: int, offset: int, count: int) -> bytes:
-    """The nonzero words of the ``count`` u64 words at byte ``offset`` of the
-    file ``fd``, packed (as ``pack_words``). ValueError if the file is shorter."""
-    if offset < 0 or not 0 <= count <= 4096:
-        raise ValueError(f"cannot read {count} words at {offset}")
-    return pack_words(_pread_exact(fd, count * L.WORD, offset), 0, count)
-
-
 def read_blocks(
-    fd: int, offset: int, route_count: int, then: tuple[PackedBlock, ...], moved: bool = False
+    fd: int, offset: int, route_count: int, then: tuple[PackedBlock, ...]
 ) -> tuple[PackedBlock, ...]:
     """What ``pack_blocks`` gives for the statistics area at byte ``offset``
     of the file ``fd``, reading only what it needs: each route's counters,
-    then, for a route whose count moved since ``then``, its histogram up to
-    the bucket of its maximum (those above are empty: each duration counted
-    is at most the maximum). ``moved``: most routes are expected to have
-    moved, so a route's counters and its histogram up to its maximum then
-    (a route not in ``then``: up to the highest maximum's bucket read so
-    far) are read at once (one read instead of two). Consistent only between two
-    equal reads of the sequence counter, as any read of the area. ValueError
-    if the file is shorter."""
+    then, for a route whose count moved since ``then``, its histogram from
+    the bucket of its minimum to the bucket of its maximum (the others are
+    empty: each duration counted lies between the two). Consistent only
+    between two equal reads of the sequence counter, as any read of the
+    area. ValueError if the file is shorter."""
     if not isinstance(then, tuple):
         raise TypeError(f"then must be a tuple, not {type(then).__name__}")
     if offset < 0 or route_count < 0:
         raise ValueError(f"cannot read {route_count} route blocks at {offset}")
     out = []
-    highest = L.ROUTE_HEADER_WORDS
     for r in range(route_count):
         at = offset + (L.ROUTES_START + r * L.ROUTE_BLOCK_WORDS) * L.WORD
         old = then[r] if r < len(then) else None
         if old is not None and not isinstance(old, PackedBlock):
             raise TypeError(f"then[{r}] is not a PackedBlock")
-        got = L.ROUTE_HEADER_WORDS
-        if moved:
-            got = L.ROUTE_HEADER_WORDS + L.bucket_index(old.max_ns) + 1 if old is not None else highest
-        data = _pread_exact(fd, got * L.WORD, at)
-        count, max_ns = (
-            L.U64.unpack_from(data, L.R_COUNT * L.WORD)[0],
-            L.U64.unpack_from(data, L.R_MAX_NS * L.WORD)[0],
+        data = _pread_exact(fd, L.ROUTE_HEADER_WORDS * L.WORD, at)
+        count, max_ns, min_ns = (
+            L.U64.unpack_from(data, word * L.WORD)[0] for word in (L.R_COUNT, L.R_MAX_NS, L.R_MIN_NS)
         )
         if old is not None and old.count == count:
             out.append(old)
             continue
         # No record, no bucket: a route never used (the overflow route, mostly) is its counters.
-        top = L.ROUTE_HEADER_WORDS + (L.bucket_index(max_ns) + 1 if count else 0)
-        if top > got:
-            data += _pread_exact(fd, (top - got) * L.WORD, at + got * L.WORD)
-        highest = max(highest, top)
+        top = L.ROUTE_HEADER_WORDS
+        if count:
+            top += L.bucket_index(max_ns) + 1
+            low = L.ROUTE_HEADER_WORDS + L.bucket_index(min_ns)
+            if low >= top:  # a minimum above the maximum: not read whole, so not trusted
+                low = L.ROUTE_HEADER_WORDS
+            data += bytes((low - L.ROUTE_HEADER_WORDS) * L.WORD)
+            data += _pread_exact(fd, (top - low) * L.WORD, at + low * L.WORD)
         out.append(PackedBlock(count, max_ns, pack_words(data, 0, top)))
     return tuple(out)
 
 
 _GLOBALS = struct.Struct(f"<{L.GLOBAL_WORDS}Q")
+# The overhead histogram's buckets read with the global words, in one read:
+# up to 2**12 ns (a record's own cost is well under that); more when needed.
+OVERHEAD_HEAD_BUCKETS = 256
 
 
 def read_live(
@@ -560,32 +555,61 @@ def read_live(
     seq: int,
     route_count: int,
     then: tuple[PackedBlock, ...],
-    requests_then: int = 0,
     overhead_count_then: int | None = None,
 ) -> tuple[tuple[int, ...], tuple[PackedBlock, ...], bytes | None] | None:
     """The global words (a tuple), the route blocks (``read_blocks``) and the
     overhead histogram, packed (None when its count is still
     ``overhead_count_then``), of the statistics area at byte ``offset`` of
     the file ``fd``, if its sequence counter, ``seq`` when read before
-    (even), is still ``seq`` after reading them; else None. ``requests_then``:
-    the requests counted when ``then`` was read (to tell whether most routes
-    moved). The overhead histogram is read up to the bucket of its maximum."""
-    if not (0 <= seq <= MASK64 and 0 <= requests_then <= MASK64):
-        raise OverflowError("seq and requests_then are u64")
+    (even), is still ``seq`` after reading them; else None. The overhead
+    histogram is read up to the bucket of its maximum."""
+    if not 0 <= seq <= MASK64:
+        raise OverflowError("seq is u64")
     if overhead_count_then is not None and not 0 <= overhead_count_then <= MASK64:
         raise OverflowError("overhead_count_then is u64")
-    globals_ = _GLOBALS.unpack(_pread_exact(fd, L.GLOBAL_WORDS * L.WORD, offset))
-    # Records enough to have moved most routes (as the daemon's every-route tick).
-    moved = (2 * (globals_[L.G_NEXT_INDEX] - requests_then)) & MASK64 >= route_count  # u64, as the C twin
-    blocks = read_blocks(fd, offset, route_count, then, moved)
+    head = _pread_exact(fd, (L.GLOBAL_WORDS + OVERHEAD_HEAD_BUCKETS) * L.WORD, offset)
+    globals_ = _GLOBALS.unpack_from(head)
     overhead = None
     if overhead_count_then is None or globals_[L.G_OVERHEAD_COUNT] != overhead_count_then:
-        overhead = read_packed(
-            fd, offset + L.OVERHEAD_HIST * L.WORD, L.bucket_index(globals_[L.G_OVERHEAD_MAX_NS]) + 1
-        )
+        buckets = L.bucket_index(globals_[L.G_OVERHEAD_MAX_NS]) + 1
+        have = min(buckets, OVERHEAD_HEAD_BUCKETS)
+        words = head[_GLOBALS.size : _GLOBALS.size + have * L.WORD]
+        if buckets > have:
+            words += _pread_exact(fd, (buckets - have) * L.WORD, offset + (L.OVERHEAD_HIST + have) * L.WORD)
+        overhead = pack_words(words, 0, buckets)
+    blocks = read_blocks(fd, offset, route_count, then)
     if L.U64.unpack(_pread_exact(fd, L.WORD, offset + L.G_SEQ * L.WORD))[0] != seq:
         return None
     return globals_, blocks, overhead
+
+
+# -- opening a segment: what a reader does first, for each segment it finds ----
+
+
+def open_segment(path: str, head_size: int) -> tuple[int, bool, int, bytes]:
+    """Open the file at ``path`` to read and write it, else (no permission
+    to write) to read it, without blocking (a FIFO named like a segment must
+    not hang the caller), close-on-exec, and read its first ``head_size``
+    bytes: ``(fd, writable, size, head)``, ``size`` -1 (and ``head`` empty)
+    if it is not a regular file, ``head`` shorter if the file is. OSError if
+    it cannot be opened or read (then nothing is left open)."""
+    if not 0 <= head_size <= 65536:
+        raise ValueError(f"cannot read a head of {head_size} bytes")
+    flags = os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd, writable = os.open(path, os.O_RDWR | flags), True
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        fd, writable = os.open(path, os.O_RDONLY | flags), False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return fd, writable, -1, b""
+        return fd, writable, info.st_size, os.pread(fd, head_size, 0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # -- liveness of a writer: what the daemon asks of each idle process per tick --

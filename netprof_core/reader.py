@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import stat as stat_
 import struct
 import threading
 import time
@@ -51,11 +50,11 @@ __all__ = (
 )
 
 if TYPE_CHECKING:
-    from ._recorder_py import PackedBlock, new_frozen, pack_blocks, read_live
+    from ._recorder_py import PackedBlock, new_frozen, open_segment, pack_blocks, read_live
 else:  # the live core's: a C type where the Cython core is in use
     _core = core_module()
     PackedBlock, pack_blocks, read_live = _core.PackedBlock, _core.pack_blocks, _core.read_live
-    new_frozen = _core.new_frozen
+    new_frozen, open_segment = _core.new_frozen, _core.open_segment
 
 _T = TypeVar("_T")
 LIVE_ATTEMPTS = 3
@@ -345,25 +344,16 @@ class SegmentReader:
     def _open(self, path: str, head_size: int) -> bytes:
         """Open the file and read its header (in the first ``head_size``
         bytes read, returned)."""
-        # O_NONBLOCK: a FIFO named like a segment must not hang the caller.
-        flags = os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd, self._writable = os.open(path, os.O_RDWR | flags), True
+            fd, self._writable, size, head = open_segment(path, head_size)
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise SegmentError(path, f"cannot open: {exc.strerror}", exc.errno) from exc
-            try:
-                fd = os.open(path, os.O_RDONLY | flags)
-            except OSError as exc2:
-                raise SegmentError(path, f"cannot open: {exc2.strerror}", exc2.errno) from exc2
+            raise SegmentError(path, f"cannot open: {exc.strerror}", exc.errno) from exc
         try:
-            info = os.fstat(fd)
-            if not stat_.S_ISREG(info.st_mode):
+            if size < 0:
                 raise SegmentError(path, "not a regular file")
-            if info.st_size < L.HEADER_SIZE:
-                raise SegmentError(path, f"truncated: {info.st_size} bytes, shorter than a header")
-            head = os.pread(fd, head_size, 0)
-            self.header = parse_header(head, path, file_size=info.st_size)
+            if size < L.HEADER_SIZE:
+                raise SegmentError(path, f"truncated: {size} bytes, shorter than a header")
+            self.header = parse_header(head, path, file_size=size)
         except BaseException:
             os.close(fd)
             raise
@@ -632,7 +622,6 @@ class SegmentReader:
                     seq,
                     route_count,
                     then,
-                    0 if earlier is None else earlier.requests,
                     None if earlier is None else earlier.overhead_count,
                 )
             except ValueError as exc:  # a short read

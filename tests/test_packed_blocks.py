@@ -19,6 +19,7 @@ import pytest
 
 from netprof_core import _layout as L
 from netprof_core import _recorder_py
+from netprof_core import SegmentReader
 from netprof_core.reader import RouteKey, RouteSums
 
 
@@ -52,6 +53,8 @@ def _record(words: array[int], start: int, duration: int, rng: random.Random) ->
     words[start + L.R_COUNT] += 1
     words[start + L.R_SUM_NS] += duration
     words[start + L.R_MAX_NS] = max(words[start + L.R_MAX_NS], duration)
+    if words[start + L.R_COUNT] == 1 or duration < words[start + L.R_MIN_NS]:
+        words[start + L.R_MIN_NS] = duration
     words[start + L.R_STATUS_CLASSES + rng.randrange(L.STATUS_CLASSES)] += 1
     words[start + L.ROUTE_HEADER_WORDS + L.bucket_index(duration)] += 1
 
@@ -78,22 +81,40 @@ def test_sparse_reads_give_the_blocks_a_full_copy_packs(core: object, tmp_path: 
             assert _same(core.pack_blocks(words, routes, ()), full)  # type: ignore[attr-defined]
             blocks = core.read_blocks(fd, 8 * trial, routes, ())  # type: ignore[attr-defined]
             assert _same(blocks, full)
-            assert _same(core.read_blocks(fd, 8 * trial, routes, (), True), full)  # type: ignore[attr-defined]
             # One route moves: only its block is new; the others are the same objects.
             moved = rng.randrange(routes)
             start = L.ROUTES_START + moved * L.ROUTE_BLOCK_WORDS
             _record(words, start, int(rng.lognormvariate(20, 2)), rng)  # may raise the maximum
             fd2 = _file(tmp_path, words, 8 * trial + 8)
             try:
-                for guess in (False, True):
-                    again = core.read_blocks(fd2, 8 * trial + 8, routes, blocks, guess)  # type: ignore[attr-defined]
-                    assert _same(again, _recorder_py.pack_blocks(words, routes, ()))
-                    assert [a is b for a, b in zip(again, blocks)] == [r != moved for r in range(routes)]
-                    assert _same(core.pack_blocks(words, routes, blocks), again)  # type: ignore[attr-defined]
+                again = core.read_blocks(fd2, 8 * trial + 8, routes, blocks)  # type: ignore[attr-defined]
+                assert _same(again, _recorder_py.pack_blocks(words, routes, ()))
+                assert [a is b for a, b in zip(again, blocks)] == [r != moved for r in range(routes)]
+                assert _same(core.pack_blocks(words, routes, blocks), again)  # type: ignore[attr-defined]
             finally:
                 os.close(fd2)
         finally:
             os.close(fd)
+
+
+@CORES
+@pytest.mark.parametrize("minimum", ["none", "above the maximum"])
+def test_a_block_without_a_trustworthy_minimum_is_read_whole(core: object, tmp_path: Path, minimum: str) -> None:
+    """A segment from before the minimum was kept (0), or one whose minimum
+    lies above its maximum: the histogram is read from bucket 0."""
+    rng = random.Random(3)
+    words = array("Q", bytes(8 * (L.ROUTES_START + 2 * L.ROUTE_BLOCK_WORDS)))
+    start = L.ROUTES_START + L.ROUTE_BLOCK_WORDS
+    for _ in range(50):
+        _record(words, start, int(rng.lognormvariate(14, 3)), rng)
+    words[start + L.R_MIN_NS] = 0 if minimum == "none" else 2 * words[start + L.R_MAX_NS]
+    fd = _file(tmp_path, words, 0)
+    try:
+        blocks = core.read_blocks(fd, 0, 2, ())  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)
+    assert _same(blocks, _recorder_py.pack_blocks(words, 2, ()))
+    assert blocks[1].count == 50
 
 
 @CORES
@@ -109,7 +130,7 @@ def test_read_live_checks_the_sequence_counter(core: object, tmp_path: Path) -> 
             words, L.OVERHEAD_HIST, L.bucket_index(words[L.G_OVERHEAD_MAX_NS]) + 1
         )
         # The overhead histogram is read only when its count moved.
-        again = core.read_live(fd, 64, seq, 3, blocks, words[L.G_NEXT_INDEX], words[L.G_OVERHEAD_COUNT])  # type: ignore[attr-defined]
+        again = core.read_live(fd, 64, seq, 3, blocks, words[L.G_OVERHEAD_COUNT])  # type: ignore[attr-defined]
         assert again[2] is None and all(a is b for a, b in zip(again[1], blocks))
         assert core.read_live(fd, 64, seq + 2, 3, ()) is None  # type: ignore[attr-defined]
         with pytest.raises(ValueError, match="truncated"):
@@ -248,3 +269,26 @@ def test_counter_totals_copy_is_an_empty_total_plus_the_original() -> None:
     assert twin.overhead_histogram.counts == added.overhead_histogram.counts == counts
     assert twin.overhead_histogram.max_ns == added.overhead_histogram.max_ns
     assert twin.overhead_histogram is not totals.overhead_histogram
+
+
+def test_the_recorder_keeps_each_routes_minimum(make_recorder: Any) -> None:
+    """What lets a reader copy only the buckets that can be nonzero: the
+    shortest duration of each route, from its first record on."""
+    rec = make_recorder()
+    fast, slow, unused = rec.route_id("/fast"), rec.route_id("/slow"), rec.route_id("/unused")
+    for duration in (5_000, 300, 90_000, 300, 7_000):
+        rec.record(fast, 200, 10**15, 10**15 + duration)
+    rec.record(slow, 200, 10**15, 10**15 + 4_000_000_000)
+    with SegmentReader(rec.path) as reader:
+        live = reader.layout.live_offset
+
+        def word(route: int, index: int) -> int:
+            at = live + (L.ROUTES_START + route * L.ROUTE_BLOCK_WORDS + index) * L.WORD
+            return L.U64.unpack(os.pread(reader._fd, L.WORD, at))[0]  # type: ignore[arg-type]
+
+        assert [word(r, L.R_MIN_NS) for r in (fast, slow, unused)] == [300, 4_000_000_000, 0]
+        # The daemon's reads, from the minimum's bucket on, give what a full copy packs.
+        daemon = reader.snapshot(records=False, routes=False)
+        routes = len(daemon.blocks)
+        area = array("Q", os.pread(reader._fd, (L.ROUTES_START + routes * L.ROUTE_BLOCK_WORDS) * L.WORD, live))  # type: ignore[arg-type]
+        assert _same(daemon.blocks, _recorder_py.pack_blocks(area, routes, ()))
