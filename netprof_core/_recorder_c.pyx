@@ -446,35 +446,48 @@ cdef uint64_t _pack_vals[65536]
 cdef uint16_t _pack_idx[65536]
 
 
-cdef bytes _pack(const uint64_t* w, Py_ssize_t count):
-    """The nonzero words of ``w[:count]`` (count <= PACKED_MAX_WORDS), packed."""
-    cdef Py_ssize_t i = 0, k, n = 0
+cdef Py_ssize_t _gather(const uint64_t* w, Py_ssize_t i, Py_ssize_t end, Py_ssize_t n) noexcept:
+    """Append the nonzero words of ``w[i:end]``, with their indexes, to the
+    packing buffers, which hold ``n`` words; returns how many they hold then."""
+    cdef Py_ssize_t j
     cdef uint64_t v
-    cdef uint32_t head[2]
-    cdef bytes out
-    cdef char* p
-    while i < count:
+    while i + 8 <= end:
         # Zero runs (most of a histogram) eight words at a time; within the
         # others no branch on the data: a word is written, and kept if it is
-        # nonzero (the pattern is too irregular to predict).
-        if i + 8 <= count and not (w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]):
-            i += 8
-            continue
-        k = i + 8 if i + 8 <= count else count
-        while i < k:
-            v = w[i]
-            _pack_vals[n] = v
-            _pack_idx[n] = <uint16_t>i
-            n += v != 0
-            i += 1
-    out = PyBytes_FromStringAndSize(NULL, 8 + 10 * n)
-    p = PyBytes_AS_STRING(out)
+        # nonzero (the pattern is too irregular to predict). A fixed count of
+        # eight, which the compiler unrolls.
+        if w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]:
+            for j in range(8):
+                v = w[i + j]
+                _pack_vals[n] = v
+                _pack_idx[n] = <uint16_t>(i + j)
+                n += v != 0
+        i += 8
+    while i < end:
+        v = w[i]
+        _pack_vals[n] = v
+        _pack_idx[n] = <uint16_t>i
+        n += v != 0
+        i += 1
+    return n
+
+
+cdef bytes _packed(Py_ssize_t n):
+    """The ``n`` words in the packing buffers, as packed words."""
+    cdef uint32_t head[2]
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8 + 10 * n)
+    cdef char* p = PyBytes_AS_STRING(out)
     head[0] = <uint32_t>n
     head[1] = 0
     memcpy(p, head, 8)
     memcpy(p + 8, _pack_vals, 8 * n)
     memcpy(p + 8 + 8 * n, _pack_idx, 2 * n)
     return out
+
+
+cdef bytes _pack(const uint64_t* w, Py_ssize_t count):
+    """The nonzero words of ``w[:count]`` (count <= PACKED_MAX_WORDS), packed."""
+    return _packed(_gather(w, 0, count, 0))
 
 
 def pack_words(source, Py_ssize_t start, Py_ssize_t count) -> bytes:
@@ -824,11 +837,13 @@ def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then no
             low = ROUTE_HEADER_WORDS + <Py_ssize_t>bucket_index(_block_buf[R_MIN_NS])
             if low >= top:  # a minimum above the maximum: not read whole, so not trusted
                 low = ROUTE_HEADER_WORDS
-            memset(_block_buf + ROUTE_HEADER_WORDS, 0, (low - ROUTE_HEADER_WORDS) * WORD)
             _pread_exact(fd, _block_buf + low, (top - low) * WORD, at + low * WORD)
+        else:
+            low = top
         # Everything taken from the shared buffer before an object is made
         # (making one may run a collection, and finalizers, that read too).
-        packed = _pack(_block_buf, top)
+        # The buckets below the minimum's were not read: they are empty.
+        packed = _packed(_gather(_block_buf, low, top, _gather(_block_buf, 0, ROUTE_HEADER_WORDS, 0)))
         block = PackedBlock.__new__(PackedBlock)
         block.count = count
         block.max_ns = max_ns
@@ -887,7 +902,8 @@ def open_segment(path not None, Py_ssize_t head_size) -> tuple:
     bytes: ``(fd, writable, size, head)``, ``size`` -1 (and ``head`` empty)
     if it is not a regular file, ``head`` shorter if the file is. OSError if
     it cannot be opened or read (then nothing is left open)."""
-    cdef bytes encoded = os.fsencode(path)
+    # (str paths, the daemon's, encoded here: os.fsencode is Python code)
+    cdef bytes encoded = PyUnicode_EncodeFSDefault(path) if type(path) is str else os.fsencode(path)
     cdef int fd, flags = O_NONBLOCK | O_CLOEXEC
     cdef bint writable = True
     cdef struct_stat info
@@ -965,6 +981,10 @@ def proc_start_ticks(pid_number: int):
     if i >= n:
         raise IndexError("no start time in /proc/<pid>/stat")
     return int(buf[i:n].split(None, 1)[0])
+
+
+cdef extern from "Python.h":
+    bytes PyUnicode_EncodeFSDefault(object unicode)
 
 
 cdef extern from "<fcntl.h>":

@@ -31,7 +31,6 @@ from .segment import (
     parse_header,
     process_alive,
     segment_paths,
-    writer_alive,
 )
 
 __all__ = (
@@ -50,11 +49,11 @@ __all__ = (
 )
 
 if TYPE_CHECKING:
-    from ._recorder_py import PackedBlock, new_frozen, open_segment, pack_blocks, read_live
+    from ._recorder_py import PackedBlock, new_frozen, open_segment, pack_blocks, read_live, segment_locked
 else:  # the live core's: a C type where the Cython core is in use
     _core = core_module()
     PackedBlock, pack_blocks, read_live = _core.PackedBlock, _core.pack_blocks, _core.read_live
-    new_frozen, open_segment = _core.new_frozen, _core.open_segment
+    new_frozen, open_segment, segment_locked = _core.new_frozen, _core.open_segment, _core.segment_locked
 
 _T = TypeVar("_T")
 LIVE_ATTEMPTS = 3
@@ -84,6 +83,7 @@ _CACHE_LIMIT = 1024
 _route_key_cache: dict[bytes, RouteKey] = {}
 _route_keys_cache: dict[bytes, tuple[RouteKey, ...]] = {}  # whole name tables
 _control_cache: dict[tuple[int, ...], ControlState] = {}
+_last_table: tuple[bytes, tuple[RouteKey, ...]] = (b"", ())  # the whole name table read last, and its keys
 _scratch = threading.local()
 
 
@@ -302,6 +302,24 @@ class SegmentReader:
     its timeout.
     """
 
+    # (Slots: the daemon makes one per process it finds, each with a dozen attributes.)
+    __slots__ = (
+        "_buf",
+        "_control",
+        "_control_seen",
+        "_fd",
+        "_head",
+        "_keys",
+        "_live",
+        "_owns_buffer",
+        "_route_slots",
+        "_writable",
+        "header",
+        "layout",
+        "path",
+        "polled",
+    )
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -340,6 +358,60 @@ class SegmentReader:
                 self._head = head, self.polled[0][2]
             else:
                 self.polled = self.poll()
+
+    @classmethod
+    def first(cls, path: str | os.PathLike[str]) -> tuple[SegmentReader, SegmentSnapshot, int]:
+        """Open a segment and take what the daemon keeps of it: the reader,
+        ``snapshot(records=False, routes=False)`` and the live sequence
+        counter read before it (a record after that counter is read at the
+        next :meth:`refresh`). What netprofd does for each process it finds,
+        in as few steps as it takes."""
+        reader = cls(path, poll=True)
+        try:
+            meta, sequence = reader.polled  # type: ignore[misc]
+            return reader, reader._first_snapshot(meta, sequence), sequence
+        except BaseException:
+            reader.close()
+            raise
+
+    def _first_snapshot(self, meta: tuple[int, tuple[int, ...], int, int], sequence: int) -> SegmentSnapshot:
+        """snapshot(records=False, routes=False, meta=meta, sequence=sequence),
+        for a segment read through its file whose writer is not inside an
+        update: one read of the live area (the general path otherwise)."""
+        closed_ns, control_words, route_count, overflowed = meta
+        if self._fd is None or sequence & 1 or not 1 <= route_count <= self._route_slots:
+            return self.snapshot(records=False, routes=False, meta=meta, sequence=sequence)
+        header = self._header(closed_ns)
+        # Asked before the copy, as in snapshot().
+        ended = closed_ns or not self.writer_alive()
+        keys = self._route_keys(route_count)
+        try:
+            got = read_live(self._fd, self._live, sequence, route_count, (), None)
+        except ValueError as exc:  # a short read
+            raise SegmentError(self.path, str(exc)) from None
+        if got is None:  # written meanwhile
+            return self.snapshot(records=False, routes=False, meta=meta)
+        globals_, blocks, packed = got
+        control_words, control = self._control_state(control_words)
+        overhead = Histogram.from_packed(packed, globals_[L.G_OVERHEAD_MAX_NS])  # type: ignore[arg-type]  # read: no count then
+        return new_frozen(  # type: ignore[no-any-return]  # SegmentSnapshot(...), all fields given
+            SegmentSnapshot,
+            _SNAPSHOT_FIELDS,
+            (
+                self.path,
+                header,
+                control,
+                _counters(globals_, overflowed, control_words, overhead),
+                (),
+                (),
+                time.time_ns(),
+                "final" if ended else "live",
+                True,
+                blocks,
+                keys,
+                control_words,
+            ),
+        )
 
     def _open(self, path: str, head_size: int) -> bytes:
         """Open the file and read its header (in the first ``head_size``
@@ -416,9 +488,9 @@ class SegmentReader:
         """True while the process writing this segment is alive: it holds the
         segment's lock (one fcntl on the open file), else /proc says so."""
         header = self.header
-        if self._fd is None:
-            return process_alive(header.pid, header.start_ticks)
-        return writer_alive(self._fd, header.pid, header.start_ticks)
+        if self._fd is not None and segment_locked(self._fd):  # (segment.writer_alive, inline)
+            return True
+        return process_alive(header.pid, header.start_ticks)
 
     def live_sequence(self) -> int:
         """The live statistics' sequence counter: it moves with every record, so
@@ -668,13 +740,21 @@ class SegmentReader:
     def _route_keys(self, route_count: int) -> tuple[RouteKey, ...]:
         """The names of the first ``route_count`` routes. An entry never changes
         once its count is visible, so the names read before are kept."""
+        global _last_table
         known = self._keys
         if len(known) < route_count:
             first = _NAMES_START + len(known) * L.ROUTE_NAME_SIZE  # layout.route_name_offset(), inline
             end = _NAMES_START + route_count * L.ROUTE_NAME_SIZE
             head, self._head = self._head, None
             if head is not None and route_count <= head[1] and end <= len(head[0]):
-                names = head[0][first:end]  # read at the open, after the count
+                # Read at the open, after the count. Most often the table the
+                # last process of the app read: compared in place, neither
+                # copied nor hashed (a few hundred bytes per process).
+                last_names, last_keys = _last_table
+                if not known and len(last_names) == end - first and head[0].startswith(last_names, first):
+                    self._keys = last_keys
+                    return last_keys
+                names = head[0][first:end]
             else:
                 names = self._read(first, end - first)
             found = _route_keys_cache.get(names)
@@ -685,6 +765,8 @@ class SegmentReader:
                 )
                 if len(known) == 0:  # the usual table, as every process of the app names it
                     _cache_put(_route_keys_cache, names, found)
+            if not known:
+                _last_table = names, found
             known = self._keys = known + found
         return known[:route_count] if len(known) > route_count else known
 

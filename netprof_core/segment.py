@@ -153,7 +153,9 @@ def parse_header(
         )
     if v[_H_HEADER_SIZE] != L.HEADER_SIZE or v[_H_BUCKETS] != L.HIST_BUCKETS:
         raise SegmentError(path, "header sizes do not match this layout version")
-    total_size = _layout_and_size(v[_H_RING], v[_H_ROUTES])[1]
+    # (_layout_and_size, inline: asked for each segment found)
+    found = _layouts.get((v[_H_RING], v[_H_ROUTES]))
+    total_size = (found or _layout_and_size(v[_H_RING], v[_H_ROUTES]))[1]
     if v[_H_TOTAL] != total_size:
         raise SegmentError(path, f"header says {v[_H_TOTAL]} bytes, its capacities need {total_size}")
     size = len(buf) if file_size is None else file_size

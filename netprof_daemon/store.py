@@ -146,16 +146,8 @@ class SegmentStore:
             if fingerprint is None or self._refused[path] == fingerprint:
                 return  # already logged; retried when the file changes
         try:
-            # The counter before the snapshot: a record in between is read at the next tick.
-            reader = SegmentReader(path, poll=True)
+            reader, snapshot, sequence = SegmentReader.first(path)
         except (SegmentError, OSError) as exc:
-            self._refuse(path, exc)
-            return
-        try:
-            meta, sequence = reader.polled  # type: ignore[misc]
-            snapshot = reader.snapshot(records=False, routes=False, meta=meta, sequence=sequence)
-        except (SegmentError, OSError) as exc:
-            reader.close()
             self._refuse(path, exc)
             return
         if self._refused:
@@ -274,7 +266,8 @@ class SegmentStore:
             return self._apps
         processes: dict[str, list[ProcessEntry]] = {}
         for entry in self.entries.values():
-            processes.setdefault(entry.app, []).append(entry)
+            # (entry.app, without its two properties: asked of every process)
+            processes.setdefault(entry.snapshot.header.app_name, []).append(entry)
         states = {}
         for name in self.retired.keys() | self.live_totals.keys():
             parts = [
