@@ -21,7 +21,13 @@ Statistics area (u64 words, ``stats_size`` bytes)::
 
     GLOBAL_WORDS words     seq, global counters (see G_*)
     HIST_BUCKETS words     the recorder's own overhead histogram (ns)
-    (cap+1) route blocks   ROUTE_HEADER_WORDS counters (see R_*) + HIST_BUCKETS buckets
+    (cap+1) route headers  ROUTE_HEADER_WORDS counters each (see R_*), side by side:
+                           a reader gets every route's counters in one read
+    (cap+1) histograms     HIST_BUCKETS buckets each, one per route
+
+A route's header and histogram together make its route block
+(ROUTE_BLOCK_WORDS: the header, then the buckets): the unit that readers pack
+and add up across processes.
 
 Route id 0 is the overflow route: requests of routes interned after the route
 table was full are counted there.
@@ -74,7 +80,7 @@ from enum import IntEnum
 from typing import Final
 
 MAGIC: Final = b"NETPROF1"
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2  # 2: route headers side by side, then the route histograms
 SEGMENT_SUFFIX: Final = ".npseg"
 # A running netprofd holds an exclusive flock on this file in the segment directory.
 DAEMON_LOCK_NAME: Final = "netprofd.lock"
@@ -230,7 +236,7 @@ G_RESET_ACK: Final = 12  # the last reset-errors request acted on
 GLOBAL_WORDS: Final = 16
 OVERHEAD_HIST: Final = GLOBAL_WORDS
 
-ROUTES_START: Final = GLOBAL_WORDS + HIST_BUCKETS
+ROUTE_HEADERS_START: Final = GLOBAL_WORDS + HIST_BUCKETS
 
 R_COUNT: Final = 0
 R_ERRORS: Final = 1  # error kind set, or status >= 500
@@ -248,6 +254,18 @@ R_ERROR_KINDS: Final = 14  # ERROR_KINDS words, by ErrorKind
 R_MIN_NS: Final = R_ERROR_KINDS + ERROR_KINDS
 ROUTE_HEADER_WORDS: Final = 32
 ROUTE_BLOCK_WORDS: Final = ROUTE_HEADER_WORDS + HIST_BUCKETS
+
+
+def route_histograms_start(route_slots: int) -> int:
+    """Word index, within a statistics area of ``route_slots`` routes, of route 0's histogram."""
+    return ROUTE_HEADERS_START + route_slots * ROUTE_HEADER_WORDS
+
+
+def stats_prefix_words(route_slots: int, route_count: int) -> int:
+    """The words of a statistics area of ``route_slots`` routes that hold
+    everything about its first ``route_count`` routes (a copy of the area's
+    start up to the last of their histograms)."""
+    return route_histograms_start(route_slots) + route_count * HIST_BUCKETS
 STATUS_CLASSES: Final = 6
 
 # --- ring --------------------------------------------------------------------
@@ -286,6 +304,11 @@ class SegmentLayout:
         return GLOBAL_WORDS + HIST_BUCKETS + self.route_slots * ROUTE_BLOCK_WORDS
 
     @property
+    def route_histograms_start(self) -> int:
+        """Word index, within a statistics area, of route 0's histogram."""
+        return route_histograms_start(self.route_slots)
+
+    @property
     def stats_size(self) -> int:
         return self.stats_words * WORD
 
@@ -305,9 +328,13 @@ class SegmentLayout:
     def total_size(self) -> int:
         return self.ring_offset + self.ring_capacity * RECORD_SIZE
 
-    def route_block(self, route_id: int) -> int:
-        """Word index, within a statistics area, of a route's block."""
-        return ROUTES_START + route_id * ROUTE_BLOCK_WORDS
+    def route_header(self, route_id: int) -> int:
+        """Word index, within a statistics area, of a route's counters."""
+        return ROUTE_HEADERS_START + route_id * ROUTE_HEADER_WORDS
+
+    def route_histogram(self, route_id: int) -> int:
+        """Word index, within a statistics area, of a route's histogram."""
+        return self.route_histograms_start + route_id * HIST_BUCKETS
 
     def route_name_offset(self, route_id: int) -> int:
         return ROUTES_OFFSET + ROUTE_TABLE_HEADER + route_id * ROUTE_NAME_SIZE

@@ -10,6 +10,7 @@ cdef class RecorderCore:
     cdef Py_ssize_t _live
     cdef Py_ssize_t _pub
     cdef Py_ssize_t _ring
+    cdef Py_ssize_t _hists  # route 0's histogram, within a statistics area
     cdef uint64_t _slots
     cdef uint64_t _ring_capacity
     cdef int64_t _mono_offset_ns

@@ -81,7 +81,7 @@ cdef Py_ssize_t R_ERROR_KINDS = L.R_ERROR_KINDS
 cdef Py_ssize_t R_MIN_NS = L.R_MIN_NS
 cdef Py_ssize_t ROUTE_HEADER_WORDS = L.ROUTE_HEADER_WORDS
 cdef Py_ssize_t ROUTE_BLOCK_WORDS = L.ROUTE_BLOCK_WORDS
-cdef Py_ssize_t ROUTES_START = L.ROUTES_START
+cdef Py_ssize_t ROUTE_HEADERS_START = L.ROUTE_HEADERS_START
 cdef uint64_t ERROR_KINDS = L.ERROR_KINDS
 cdef Py_ssize_t RECORD_WORDS = L.RECORD_WORDS
 cdef Py_ssize_t REC_SEQ = L.REC_SEQ
@@ -132,6 +132,7 @@ cdef class RecorderCore:
 
     def __init__(self, buf, layout, uint64_t seed, on_slow=None):
         self._slots = layout.route_slots
+        self._hists = layout.route_histograms_start
         self._ctl = L.CONTROL_OFFSET // WORD
         self._live = layout.live_offset // WORD
         self._pub = layout.published_offset // WORD
@@ -233,7 +234,7 @@ cdef class RecorderCore:
 
         g[G_SEQ] += 1
         np_release_fence()
-        cdef uint64_t* r = g + ROUTES_START + route_id * ROUTE_BLOCK_WORDS
+        cdef uint64_t* r = g + ROUTE_HEADERS_START + route_id * ROUTE_HEADER_WORDS
         r[R_COUNT] += 1
         if is_error:
             r[R_ERRORS] += 1
@@ -250,7 +251,7 @@ cdef class RecorderCore:
         r[R_STATUS_CLASSES + (status // 100 if 100 <= status < 600 else 0)] += 1
         if error_kind:
             r[R_ERROR_KINDS + error_kind] += 1
-        r[ROUTE_HEADER_WORDS + bucket_index(duration)] += 1
+        g[self._hists + route_id * HIST_BUCKETS + bucket_index(duration)] += 1
         (<unsigned char*>self._dirty)[route_id] = 1
 
         cdef uint64_t capacity = c[C_RING_CAPACITY]
@@ -320,8 +321,10 @@ cdef class RecorderCore:
             dirty[self._slots] = 0
         for route_id in range(self._slots):
             if dirty[route_id]:
-                start = ROUTES_START + route_id * ROUTE_BLOCK_WORDS
-                memcpy(pub + start, live + start, ROUTE_BLOCK_WORDS * WORD)
+                start = ROUTE_HEADERS_START + route_id * ROUTE_HEADER_WORDS
+                memcpy(pub + start, live + start, ROUTE_HEADER_WORDS * WORD)
+                start = self._hists + route_id * HIST_BUCKETS
+                memcpy(pub + start, live + start, HIST_BUCKETS * WORD)
                 dirty[route_id] = 0
         self._publish_ack = request
         pub[G_PUBLISH_ACK] = request
@@ -603,7 +606,7 @@ cdef class PackedBlock:
             if (start + ROUTE_BLOCK_WORDS) * 8 > view.len:
                 raise ValueError(f"no route block at word {start} of {view.len // 8}")
             w = <const uint64_t*>view.buf + start
-            return _packed_block(w)
+            return _packed_block(w, w + ROUTE_HEADER_WORDS)
         finally:
             PyBuffer_Release(&view)
 
@@ -614,41 +617,45 @@ cdef class PackedBlock:
         return words
 
 
-cdef PackedBlock _packed_block(const uint64_t* w):
+cdef PackedBlock _packed_block(const uint64_t* header, const uint64_t* histogram):
+    """A route block from its header and its histogram, wherever they are."""
     cdef PackedBlock block = PackedBlock.__new__(PackedBlock)
-    block.count = w[R_COUNT]
-    block.max_ns = w[R_MAX_NS]
-    block.packed = _pack(w, ROUTE_BLOCK_WORDS)
+    block.count = header[R_COUNT]
+    block.max_ns = header[R_MAX_NS]
+    # (The histogram's pointer is shifted so that its buckets get their indexes in the block.)
+    block.packed = _packed(_gather(histogram - ROUTE_HEADER_WORDS, ROUTE_HEADER_WORDS, ROUTE_BLOCK_WORDS,
+                                   _gather(header, 0, ROUTE_HEADER_WORDS, 0)))
     block._ours = True
     return block
 
 
-def pack_blocks(words, Py_ssize_t route_count, tuple then not None) -> tuple:
-    """The first ``route_count`` route blocks of a statistics area (``words``:
-    any buffer of u64 words, from the area's first word), packed: the block of
-    ``then`` (an earlier reading, by route id) where the count has not moved,
-    else the block read now. A block changes only with its count."""
+def pack_blocks(words, Py_ssize_t route_slots, Py_ssize_t route_count, tuple then not None) -> tuple:
+    """The first ``route_count`` route blocks of a statistics area of
+    ``route_slots`` routes (``words``: any buffer of u64 words, from the
+    area's first word, up to ``stats_prefix_words`` at least), packed: the
+    block of ``then`` (an earlier reading, by route id) where the count has
+    not moved, else the block read now. A block changes only with its count."""
     cdef Py_buffer view
     cdef const uint64_t* w
-    cdef Py_ssize_t r, start, known = len(then)
+    cdef Py_ssize_t r, header, known = len(then), histograms = ROUTE_HEADERS_START + route_slots * ROUTE_HEADER_WORDS
     cdef PackedBlock old
     cdef list out
-    if route_count < 0:
-        raise ValueError(f"cannot pack {route_count} route blocks")
+    if not 0 <= route_count <= route_slots:
+        raise ValueError(f"cannot pack {route_count} route blocks of {route_slots}")
     PyObject_GetBuffer(words, &view, PyBUF_SIMPLE)
     try:
-        if (ROUTES_START + route_count * ROUTE_BLOCK_WORDS) * 8 > view.len:
+        if (histograms + route_count * <Py_ssize_t>HIST_BUCKETS) * 8 > view.len:
             raise ValueError(f"{route_count} route blocks do not fit in {view.len // 8} words")
         w = <const uint64_t*>view.buf
         out = [None] * route_count
         for r in range(route_count):
-            start = ROUTES_START + r * ROUTE_BLOCK_WORDS
+            header = ROUTE_HEADERS_START + r * ROUTE_HEADER_WORDS
             if r < known:
                 old = <PackedBlock?>then[r]
-                if old.count == w[start + R_COUNT]:
+                if old.count == w[header + R_COUNT]:
                     out[r] = old
                     continue
-            out[r] = _packed_block(w + start)
+            out[r] = _packed_block(w + header, w + histograms + r * HIST_BUCKETS)
         return tuple(out)
     finally:
         PyBuffer_Release(&view)
@@ -805,52 +812,70 @@ cdef int _pread_exact(int fd, void* buf, Py_ssize_t size, Py_ssize_t offset) exc
     return 0
 
 
-def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then not None) -> tuple:
-    """What ``pack_blocks`` gives for the statistics area at byte ``offset``
-    of the file ``fd``, reading only what it needs: each route's counters,
-    then, for a route whose count moved since ``then``, its histogram from
-    the bucket of its minimum to the bucket of its maximum (the others are
-    empty: each duration counted lies between the two). Consistent only
-    between two equal reads of the sequence counter, as any read of the
-    area. ValueError if the file is shorter."""
-    cdef Py_ssize_t r, at, low, top, known = len(then)
-    cdef uint64_t count, max_ns
+def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_slots, Py_ssize_t route_count,
+                tuple then not None) -> tuple:
+    """What ``pack_blocks`` gives for the statistics area of ``route_slots``
+    routes at byte ``offset`` of the file ``fd``, reading only what it
+    needs: the routes' counters (side by side: one read), then, for a route
+    whose count moved since ``then``, its histogram from the bucket of its
+    minimum to the bucket of its maximum (the others are empty: each
+    duration counted lies between the two). Consistent only between two
+    equal reads of the sequence counter, as any read of the area. ValueError
+    if the file is shorter."""
+    cdef Py_ssize_t r, known = len(then)
+    cdef Py_ssize_t histograms = offset + (ROUTE_HEADERS_START + route_slots * ROUTE_HEADER_WORDS) * WORD
+    cdef uint64_t* headers
+    cdef list out
+    if offset < 0 or not 0 <= route_count <= route_slots:
+        raise ValueError(f"cannot read {route_count} route blocks of {route_slots} at {offset}")
+    out = [None] * route_count
+    # This call's own buffer: objects made below may run a collection, and
+    # finalizers that read segments too.
+    headers = <uint64_t*>PyMem_Malloc(max(route_count, 1) * ROUTE_HEADER_WORDS * WORD)
+    if headers == NULL:
+        raise MemoryError()
+    try:
+        _pread_exact(fd, headers, route_count * ROUTE_HEADER_WORDS * WORD, offset + ROUTE_HEADERS_START * WORD)
+        for r in range(route_count):
+            _read_block(fd, histograms, r, headers + r * ROUTE_HEADER_WORDS, then, known, out)
+    finally:
+        PyMem_Free(headers)
+    return tuple(out)
+
+
+cdef int _read_block(int fd, Py_ssize_t histograms, Py_ssize_t r, const uint64_t* header, tuple then,
+                     Py_ssize_t known, list out) except -1:
+    """read_blocks for route ``r``, whose counters are at ``header``."""
+    cdef Py_ssize_t low, top
+    cdef uint64_t count = header[R_COUNT], max_ns
     cdef bytes packed
     cdef PackedBlock old, block
-    cdef list out
-    if offset < 0 or route_count < 0:
-        raise ValueError(f"cannot read {route_count} route blocks at {offset}")
-    out = [None] * route_count
-    for r in range(route_count):
-        at = offset + (ROUTES_START + r * ROUTE_BLOCK_WORDS) * WORD
-        old = <PackedBlock?>then[r] if r < known else None
-        _pread_exact(fd, _block_buf, ROUTE_HEADER_WORDS * WORD, at)
-        count = _block_buf[R_COUNT]
-        if old is not None and old.count == count:
-            out[r] = old
-            continue
-        max_ns = _block_buf[R_MAX_NS]
-        # No record, no bucket: a route never used (the overflow route, mostly) is its counters.
-        top = ROUTE_HEADER_WORDS
-        if count:
-            top += <Py_ssize_t>bucket_index(max_ns) + 1
-            low = ROUTE_HEADER_WORDS + <Py_ssize_t>bucket_index(_block_buf[R_MIN_NS])
-            if low >= top:  # a minimum above the maximum: not read whole, so not trusted
-                low = ROUTE_HEADER_WORDS
-            _pread_exact(fd, _block_buf + low, (top - low) * WORD, at + low * WORD)
-        else:
-            low = top
-        # Everything taken from the shared buffer before an object is made
-        # (making one may run a collection, and finalizers, that read too).
-        # The buckets below the minimum's were not read: they are empty.
-        packed = _packed(_gather(_block_buf, low, top, _gather(_block_buf, 0, ROUTE_HEADER_WORDS, 0)))
-        block = PackedBlock.__new__(PackedBlock)
-        block.count = count
-        block.max_ns = max_ns
-        block.packed = packed
-        block._ours = True
-        out[r] = block
-    return tuple(out)
+    old = <PackedBlock?>then[r] if r < known else None
+    if old is not None and old.count == count:
+        out[r] = old
+        return 0
+    max_ns = header[R_MAX_NS]
+    # The block in _block_buf: the header, then the buckets read; those
+    # below the minimum's were not read (they are empty) and are not packed.
+    memcpy(_block_buf, header, ROUTE_HEADER_WORDS * WORD)
+    top = low = ROUTE_HEADER_WORDS  # no record, no bucket: a route never used is its counters
+    if count:
+        top += <Py_ssize_t>bucket_index(max_ns) + 1
+        low += <Py_ssize_t>bucket_index(header[R_MIN_NS])
+        if low >= top:  # a minimum above the maximum: not read whole, so not trusted
+            low = ROUTE_HEADER_WORDS
+        _pread_exact(fd, _block_buf + low, (top - low) * WORD,
+                     histograms + (r * HIST_BUCKETS + low - ROUTE_HEADER_WORDS) * WORD)
+    # Everything taken from the shared buffers before an object is made
+    # (making one may run a collection, and finalizers, that read too).
+    packed = _packed(_gather(_block_buf, low, top, _gather(_block_buf, 0, ROUTE_HEADER_WORDS, 0)))
+    block = PackedBlock.__new__(PackedBlock)
+    block.count = count
+    block.max_ns = max_ns
+    block.packed = packed
+    block._ours = True
+    out[r] = block
+    return 0
 
 
 # The overhead histogram's buckets read with the global words, in one read:
@@ -858,14 +883,15 @@ def read_blocks(int fd, Py_ssize_t offset, Py_ssize_t route_count, tuple then no
 cdef Py_ssize_t OVERHEAD_HEAD_BUCKETS = 256
 
 
-def read_live(int fd, Py_ssize_t offset, uint64_t seq, Py_ssize_t route_count, tuple then not None,
-              overhead_count_then=None):
+def read_live(int fd, Py_ssize_t offset, uint64_t seq, Py_ssize_t route_slots, Py_ssize_t route_count,
+              tuple then not None, overhead_count_then=None):
     """The global words (a tuple), the route blocks (``read_blocks``) and the
     overhead histogram, packed (None when its count is still
     ``overhead_count_then``), of the statistics area at byte ``offset`` of
-    the file ``fd``, if its sequence counter, ``seq`` when read before
-    (even), is still ``seq`` after reading them; else None. The overhead
-    histogram is read up to the bucket of its maximum."""
+    the file ``fd`` (an area of ``route_slots`` routes), if its sequence
+    counter, ``seq`` when read before (even), is still ``seq`` after reading
+    them; else None. The overhead histogram is read up to the bucket of its
+    maximum."""
     cdef uint64_t* g = _head_buf
     cdef uint64_t after
     cdef Py_ssize_t i, buckets, have
@@ -883,7 +909,7 @@ def read_live(int fd, Py_ssize_t offset, uint64_t seq, Py_ssize_t route_count, t
             _pread_exact(fd, g + GLOBAL_WORDS + have, (buckets - have) * WORD,
                          offset + (OVERHEAD_HIST + have) * WORD)
         overhead = _pack(g + GLOBAL_WORDS, buckets)
-    blocks = read_blocks(fd, offset, route_count, then)
+    blocks = read_blocks(fd, offset, route_slots, route_count, then)
     _pread_exact(fd, &after, WORD, offset + G_SEQ * WORD)
     if after != seq:
         return None

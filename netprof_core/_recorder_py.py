@@ -52,6 +52,7 @@ class RecorderCore:
         self._lock = threading.Lock()
         self._layout = layout
         self._slots = layout.route_slots
+        self._hists = layout.route_histograms_start
         self._ctl = L.CONTROL_OFFSET // L.WORD
         self._live = layout.live_offset // L.WORD
         self._pub = layout.published_offset // L.WORD
@@ -171,7 +172,7 @@ class RecorderCore:
         seq = w[g + L.G_SEQ]
         w[g + L.G_SEQ] = seq + 1
         try:
-            r = g + L.ROUTES_START + route_id * L.ROUTE_BLOCK_WORDS
+            r = g + L.ROUTE_HEADERS_START + route_id * L.ROUTE_HEADER_WORDS
             w[r + L.R_COUNT] += 1
             if is_error:
                 w[r + L.R_ERRORS] += 1
@@ -187,7 +188,7 @@ class RecorderCore:
             w[r + L.R_STATUS_CLASSES + (status // 100 if 100 <= status < 600 else 0)] += 1
             if error_kind:
                 w[r + L.R_ERROR_KINDS + error_kind] += 1
-            w[r + L.ROUTE_HEADER_WORDS + L.bucket_index(duration)] += 1
+            w[g + self._hists + route_id * L.HIST_BUCKETS + L.bucket_index(duration)] += 1
             self._dirty[route_id] = 1
 
             capacity = w[c + L.C_RING_CAPACITY]
@@ -257,11 +258,14 @@ class RecorderCore:
                 start, end = end, end + L.HIST_BUCKETS * L.WORD
                 buf[pub + start : pub + end] = buf[live + start : live + end]
                 dirty[self._slots] = 0
-            block = L.ROUTE_BLOCK_WORDS * L.WORD
             for route_id in range(self._slots):
                 if dirty[route_id]:
-                    start = (L.ROUTES_START + route_id * L.ROUTE_BLOCK_WORDS) * L.WORD
-                    buf[pub + start : pub + start + block] = buf[live + start : live + start + block]
+                    for start, size in (
+                        (L.ROUTE_HEADERS_START + route_id * L.ROUTE_HEADER_WORDS, L.ROUTE_HEADER_WORDS),
+                        (self._hists + route_id * L.HIST_BUCKETS, L.HIST_BUCKETS),
+                    ):
+                        start, end = start * L.WORD, (start + size) * L.WORD
+                        buf[pub + start : pub + end] = buf[live + start : live + end]
                     dirty[route_id] = 0
             w[self._pub + L.G_PUBLISH_ACK] = request  # type: ignore[index]
             self._publish_ack = request
@@ -427,7 +431,8 @@ class PackedBlock:
         raw = memoryview(words).cast("B")  # type: ignore[arg-type]
         if (start + L.ROUTE_BLOCK_WORDS) * 8 > len(raw):
             raise ValueError(f"no route block at word {start} of {len(raw) // 8}")
-        return _packed_block(raw[start * 8 : (start + L.ROUTE_BLOCK_WORDS) * 8].cast("Q"))
+        block = raw[start * 8 : (start + L.ROUTE_BLOCK_WORDS) * 8].cast("Q")
+        return _packed_block(block[: L.ROUTE_HEADER_WORDS], block[L.ROUTE_HEADER_WORDS :])
 
     def words(self) -> array[int]:
         """The whole block, unpacked (an array of u64)."""
@@ -436,35 +441,48 @@ class PackedBlock:
         return words
 
 
-def _packed_block(block: memoryview) -> PackedBlock:
-    """``block``: one route block's u64 words."""
-    return PackedBlock(block[L.R_COUNT], block[L.R_MAX_NS], pack_words(block, 0, L.ROUTE_BLOCK_WORDS))
+def _packed_block(header: memoryview, histogram: memoryview) -> PackedBlock:
+    """A route block from its header's and its histogram's u64 words."""
+    return PackedBlock(
+        header[L.R_COUNT],
+        header[L.R_MAX_NS],
+        pack_words(array("Q", header) + array("Q", histogram), 0, L.ROUTE_BLOCK_WORDS),
+    )
 
 
-def pack_blocks(words: object, route_count: int, then: tuple[PackedBlock, ...]) -> tuple[PackedBlock, ...]:
-    """The first ``route_count`` route blocks of a statistics area (``words``:
-    any buffer of u64 words, from the area's first word), packed: the block of
-    ``then`` (an earlier reading, by route id) where the count has not moved,
-    else the block read now. A block changes only with its count."""
+def pack_blocks(
+    words: object, route_slots: int, route_count: int, then: tuple[PackedBlock, ...]
+) -> tuple[PackedBlock, ...]:
+    """The first ``route_count`` route blocks of a statistics area of
+    ``route_slots`` routes (``words``: any buffer of u64 words, from the
+    area's first word, up to ``stats_prefix_words`` at least), packed: the
+    block of ``then`` (an earlier reading, by route id) where the count has
+    not moved, else the block read now. A block changes only with its count."""
     if not isinstance(then, tuple):
         raise TypeError(f"then must be a tuple, not {type(then).__name__}")
-    if route_count < 0:
-        raise ValueError(f"cannot pack {route_count} route blocks")
+    if not 0 <= route_count <= route_slots:
+        raise ValueError(f"cannot pack {route_count} route blocks of {route_slots}")
     raw = memoryview(words).cast("B")  # type: ignore[arg-type]
-    if (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * 8 > len(raw):
+    histograms = L.route_histograms_start(route_slots)
+    if (histograms + route_count * L.HIST_BUCKETS) * 8 > len(raw):
         raise ValueError(f"{route_count} route blocks do not fit in {len(raw) // 8} words")
     w = raw.cast("Q")
     out = []
     for r in range(route_count):
-        start = L.ROUTES_START + r * L.ROUTE_BLOCK_WORDS
+        header = L.ROUTE_HEADERS_START + r * L.ROUTE_HEADER_WORDS
         if r < len(then):
             old = then[r]
             if not isinstance(old, PackedBlock):
                 raise TypeError(f"then[{r}] is not a PackedBlock")
-            if old.count == w[start + L.R_COUNT]:
+            if old.count == w[header + L.R_COUNT]:
                 out.append(old)
                 continue
-        out.append(_packed_block(w[start : start + L.ROUTE_BLOCK_WORDS]))
+        histogram = histograms + r * L.HIST_BUCKETS
+        out.append(
+            _packed_block(
+                w[header : header + L.ROUTE_HEADER_WORDS], w[histogram : histogram + L.HIST_BUCKETS]
+            )
+        )
     return tuple(out)
 
 
@@ -504,26 +522,29 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
 
 
 def read_blocks(
-    fd: int, offset: int, route_count: int, then: tuple[PackedBlock, ...]
+    fd: int, offset: int, route_slots: int, route_count: int, then: tuple[PackedBlock, ...]
 ) -> tuple[PackedBlock, ...]:
-    """What ``pack_blocks`` gives for the statistics area at byte ``offset``
-    of the file ``fd``, reading only what it needs: each route's counters,
-    then, for a route whose count moved since ``then``, its histogram from
-    the bucket of its minimum to the bucket of its maximum (the others are
-    empty: each duration counted lies between the two). Consistent only
-    between two equal reads of the sequence counter, as any read of the
-    area. ValueError if the file is shorter."""
+    """What ``pack_blocks`` gives for the statistics area of ``route_slots``
+    routes at byte ``offset`` of the file ``fd``, reading only what it
+    needs: the routes' counters (side by side: one read), then, for a route
+    whose count moved since ``then``, its histogram from the bucket of its
+    minimum to the bucket of its maximum (the others are empty: each
+    duration counted lies between the two). Consistent only between two
+    equal reads of the sequence counter, as any read of the area. ValueError
+    if the file is shorter."""
     if not isinstance(then, tuple):
         raise TypeError(f"then must be a tuple, not {type(then).__name__}")
-    if offset < 0 or route_count < 0:
-        raise ValueError(f"cannot read {route_count} route blocks at {offset}")
+    if offset < 0 or not 0 <= route_count <= route_slots:
+        raise ValueError(f"cannot read {route_count} route blocks of {route_slots} at {offset}")
+    header_bytes = L.ROUTE_HEADER_WORDS * L.WORD
+    headers = _pread_exact(fd, route_count * header_bytes, offset + L.ROUTE_HEADERS_START * L.WORD)
+    histograms = offset + L.route_histograms_start(route_slots) * L.WORD
     out = []
     for r in range(route_count):
-        at = offset + (L.ROUTES_START + r * L.ROUTE_BLOCK_WORDS) * L.WORD
         old = then[r] if r < len(then) else None
         if old is not None and not isinstance(old, PackedBlock):
             raise TypeError(f"then[{r}] is not a PackedBlock")
-        data = _pread_exact(fd, L.ROUTE_HEADER_WORDS * L.WORD, at)
+        data = headers[r * header_bytes : (r + 1) * header_bytes]
         count, max_ns, min_ns = (
             L.U64.unpack_from(data, word * L.WORD)[0] for word in (L.R_COUNT, L.R_MAX_NS, L.R_MIN_NS)
         )
@@ -538,7 +559,11 @@ def read_blocks(
             if low >= top:  # a minimum above the maximum: not read whole, so not trusted
                 low = L.ROUTE_HEADER_WORDS
             data += bytes((low - L.ROUTE_HEADER_WORDS) * L.WORD)
-            data += _pread_exact(fd, (top - low) * L.WORD, at + low * L.WORD)
+            data += _pread_exact(
+                fd,
+                (top - low) * L.WORD,
+                histograms + (r * L.HIST_BUCKETS + low - L.ROUTE_HEADER_WORDS) * L.WORD,
+            )
         out.append(PackedBlock(count, max_ns, pack_words(data, 0, top)))
     return tuple(out)
 
@@ -553,6 +578,7 @@ def read_live(
     fd: int,
     offset: int,
     seq: int,
+    route_slots: int,
     route_count: int,
     then: tuple[PackedBlock, ...],
     overhead_count_then: int | None = None,
@@ -560,9 +586,10 @@ def read_live(
     """The global words (a tuple), the route blocks (``read_blocks``) and the
     overhead histogram, packed (None when its count is still
     ``overhead_count_then``), of the statistics area at byte ``offset`` of
-    the file ``fd``, if its sequence counter, ``seq`` when read before
-    (even), is still ``seq`` after reading them; else None. The overhead
-    histogram is read up to the bucket of its maximum."""
+    the file ``fd`` (an area of ``route_slots`` routes), if its sequence
+    counter, ``seq`` when read before (even), is still ``seq`` after reading
+    them; else None. The overhead histogram is read up to the bucket of its
+    maximum."""
     if not 0 <= seq <= MASK64:
         raise OverflowError("seq is u64")
     if overhead_count_then is not None and not 0 <= overhead_count_then <= MASK64:
@@ -577,7 +604,7 @@ def read_live(
         if buckets > have:
             words += _pread_exact(fd, (buckets - have) * L.WORD, offset + (L.OVERHEAD_HIST + have) * L.WORD)
         overhead = pack_words(words, 0, buckets)
-    blocks = read_blocks(fd, offset, route_count, then)
+    blocks = read_blocks(fd, offset, route_slots, route_count, then)
     if L.U64.unpack(_pread_exact(fd, L.WORD, offset + L.G_SEQ * L.WORD))[0] != seq:
         return None
     return globals_, blocks, overhead

@@ -386,7 +386,7 @@ class SegmentReader:
         ended = closed_ns or not self.writer_alive()
         keys = self._route_keys(route_count)
         try:
-            got = read_live(self._fd, self._live, sequence, route_count, (), None)
+            got = read_live(self._fd, self._live, sequence, self._route_slots, route_count, (), None)
         except ValueError as exc:  # a short read
             raise SegmentError(self.path, str(exc)) from None
         if got is None:  # written meanwhile
@@ -578,7 +578,7 @@ class SegmentReader:
         else:
             stats, source, complete = self._consistent_stats(
                 timeout,
-                (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD,
+                L.stats_prefix_words(self._route_slots, route_count) * L.WORD,
                 0 if not routes else LIVE_ATTEMPTS,  # the live area was just tried
             )
             with stats, stats.cast("Q") as words:  # the scratch buffer is free again after
@@ -592,7 +592,7 @@ class SegmentReader:
                 overhead = _packed_histogram(words, L.OVERHEAD_HIST, words[L.G_OVERHEAD_MAX_NS])
                 globals_ = tuple(words[: L.GLOBAL_WORDS])
                 # Packed copies: a later refresh() keeps the unchanged ones.
-                blocks = pack_blocks(words, route_count, ())
+                blocks = pack_blocks(words, self._route_slots, route_count, ())
         if source == "live" and (closed_ns or not alive):
             # Closing at exit is best effort (a process killed by a signal
             # skips it): a writer that is gone is gone either way.
@@ -683,15 +683,16 @@ class SegmentReader:
         live = self._live
         if self._fd is None:  # a buffer the caller mapped: copied, then packed
             globals_: tuple[int, ...] = _GLOBALS.unpack(self._read(live, L.GLOBAL_WORDS * L.WORD))
-            size = (L.ROUTES_START + route_count * L.ROUTE_BLOCK_WORDS) * L.WORD
+            size = L.stats_prefix_words(self._route_slots, route_count) * L.WORD
             with self._read_into(live, size).cast("Q") as words:
-                blocks = pack_blocks(words, route_count, then)
+                blocks = pack_blocks(words, self._route_slots, route_count, then)
         else:
             try:
                 got = read_live(
                     self._fd,
                     live,
                     seq,
+                    self._route_slots,
                     route_count,
                     then,
                     None if earlier is None else earlier.overhead_count,
@@ -887,7 +888,7 @@ class SegmentReader:
 
 
 def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key: RouteKey) -> RouteStats:
-    r = layout.route_block(route_id)
+    r = layout.route_header(route_id)
     return RouteStats(
         key=key,
         count=words[r + L.R_COUNT],
@@ -900,7 +901,7 @@ def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key:
         ttfb_sum_ns=words[r + L.R_TTFB_SUM_NS],
         status_classes=tuple(words[r + L.R_STATUS_CLASSES : r + L.R_STATUS_CLASSES + L.STATUS_CLASSES]),
         error_kinds=tuple(words[r + L.R_ERROR_KINDS : r + L.R_ERROR_KINDS + L.ERROR_KINDS]),
-        histogram=_histogram(words, r + L.ROUTE_HEADER_WORDS, words[r + L.R_MAX_NS]),
+        histogram=_histogram(words, layout.route_histogram(route_id), words[r + L.R_MAX_NS]),
     )
 
 

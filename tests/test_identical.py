@@ -232,17 +232,18 @@ _CONTROL_NAMES = {value: name for name, value in vars(L).items() if name.startsw
 _RECORD_NAMES = {value: name for name, value in vars(L).items() if name.startswith("REC_")}
 
 
-def _stats_word(word: int) -> str:
+def _stats_word(word: int, layout: L.SegmentLayout) -> str:
     if word < L.GLOBAL_WORDS:
         return _GLOBAL_NAMES.get(word, f"global word {word}")
-    if word < L.GLOBAL_WORDS + L.HIST_BUCKETS:
+    if word < L.ROUTE_HEADERS_START:
         return f"overhead histogram bucket {word - L.GLOBAL_WORDS}"
-    route, within = divmod(word - L.GLOBAL_WORDS - L.HIST_BUCKETS, L.ROUTE_BLOCK_WORDS)
-    if within < L.ROUTE_HEADER_WORDS:
+    if word < layout.route_histograms_start:
+        route, within = divmod(word - L.ROUTE_HEADERS_START, L.ROUTE_HEADER_WORDS)
         base = max(v for v in _ROUTE_NAMES if v <= within)
         name = _ROUTE_NAMES[base] if within == base else f"{_ROUTE_NAMES[base]}+{within - base}"
         return f"route {route} {name}"
-    return f"route {route} histogram bucket {within - L.ROUTE_HEADER_WORDS}"
+    route, bucket = divmod(word - layout.route_histograms_start, L.HIST_BUCKETS)
+    return f"route {route} histogram bucket {bucket}"
 
 
 def describe_offset(offset: int, layout: L.SegmentLayout) -> str:
@@ -263,9 +264,9 @@ def describe_offset(offset: int, layout: L.SegmentLayout) -> str:
         slot = (offset - L.ROUTES_OFFSET - L.ROUTE_TABLE_HEADER) // L.ROUTE_NAME_SIZE
         return f"routes (name of route {slot})" if slot < layout.route_slots else "routes (padding)"
     if offset < layout.published_offset:
-        return f"live ({_stats_word((offset - layout.live_offset) // L.WORD)})"
+        return f"live ({_stats_word((offset - layout.live_offset) // L.WORD, layout)})"
     if offset < layout.ring_offset:
-        return f"published ({_stats_word((offset - layout.published_offset) // L.WORD)})"
+        return f"published ({_stats_word((offset - layout.published_offset) // L.WORD, layout)})"
     slot, within = divmod((offset - layout.ring_offset) // L.WORD, L.RECORD_WORDS)
     return f"ring (slot {slot}, {_RECORD_NAMES.get(within, f'word {within}')})"
 
@@ -587,9 +588,10 @@ def test_describe_offset_names_every_region(tmp_path: Path) -> None:
     assert describe_offset(L.ROUTES_OFFSET, layout) == "routes (table header)"
     assert describe_offset(layout.route_name_offset(2) + 5, layout) == "routes (name of route 2)"
     assert describe_offset(layout.live_offset + L.G_NEXT_INDEX * 8, layout) == "live (G_NEXT_INDEX)"
-    block = layout.route_block(1)
-    assert describe_offset(layout.live_offset + (block + L.R_COUNT) * 8, layout) == "live (route 1 R_COUNT)"
-    assert describe_offset(layout.published_offset + (block + L.ROUTE_HEADER_WORDS + 5) * 8, layout) == (
+    header = layout.route_header(1)
+    assert describe_offset(layout.live_offset + (header + L.R_COUNT) * 8, layout) == "live (route 1 R_COUNT)"
+    assert describe_offset(layout.live_offset + (header + L.R_MIN_NS) * 8, layout) == "live (route 1 R_MIN_NS)"
+    assert describe_offset(layout.published_offset + (layout.route_histogram(1) + 5) * 8, layout) == (
         "published (route 1 histogram bucket 5)"
     )
     assert describe_offset(layout.ring_offset + L.RECORD_SIZE * 3 + 16, layout) == "ring (slot 3, REC_DURATION_NS)"
