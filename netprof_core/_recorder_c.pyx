@@ -15,6 +15,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, errno
+from libc cimport errno as libc_errno
 from libc.string cimport memcpy, memset
 from posix.types cimport off_t
 from posix.fcntl cimport F_UNLCK, F_WRLCK, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_RDWR, SEEK_SET
@@ -892,23 +893,25 @@ def read_live(int fd, Py_ssize_t offset, uint64_t seq, Py_ssize_t route_slots, P
     counter, ``seq`` when read before (even), is still ``seq`` after reading
     them; else None. The overhead histogram is read up to the bucket of its
     maximum."""
-    cdef uint64_t* g = _head_buf
+    cdef uint64_t g[16]  # the global words, this call's own (see below)
     cdef uint64_t after
     cdef Py_ssize_t i, buckets, have
-    cdef bint wanted
     if GLOBAL_WORDS != 16:
         raise ValueError("the global words are not 16")
-    _pread_exact(fd, g, (GLOBAL_WORDS + OVERHEAD_HEAD_BUCKETS) * WORD, offset)
-    globals_ = tuple([g[i] for i in range(GLOBAL_WORDS)])
+    _pread_exact(fd, _head_buf, (GLOBAL_WORDS + OVERHEAD_HEAD_BUCKETS) * WORD, offset)
+    memcpy(g, _head_buf, GLOBAL_WORDS * WORD)
+    # The shared buffer is done with before any object that the garbage
+    # collector tracks is made (that may run finalizers that read segments
+    # too); packing makes only bytes.
     overhead = None
-    wanted = overhead_count_then is None or g[G_OVERHEAD_COUNT] != <uint64_t>overhead_count_then
-    if wanted:
+    if overhead_count_then is None or g[G_OVERHEAD_COUNT] != <uint64_t>overhead_count_then:
         buckets = <Py_ssize_t>bucket_index(g[G_OVERHEAD_MAX_NS]) + 1
         have = min(buckets, OVERHEAD_HEAD_BUCKETS)
         if buckets > have:
-            _pread_exact(fd, g + GLOBAL_WORDS + have, (buckets - have) * WORD,
+            _pread_exact(fd, _head_buf + GLOBAL_WORDS + have, (buckets - have) * WORD,
                          offset + (OVERHEAD_HIST + have) * WORD)
-        overhead = _pack(g + GLOBAL_WORDS, buckets)
+        overhead = _pack(_head_buf + GLOBAL_WORDS, buckets)
+    globals_ = tuple([g[i] for i in range(GLOBAL_WORDS)])
     blocks = read_blocks(fd, offset, route_slots, route_count, then)
     _pread_exact(fd, &after, WORD, offset + G_SEQ * WORD)
     if after != seq:
@@ -936,6 +939,8 @@ def open_segment(path not None, Py_ssize_t head_size) -> tuple:
     cdef ssize_t got
     if not 0 <= head_size <= <Py_ssize_t>sizeof(_head):
         raise ValueError(f"cannot read a head of {head_size} bytes")
+    if b"\0" in encoded:
+        raise ValueError("embedded null byte")  # as os.open says it
     fd = c_open(encoded, O_RDWR | flags)
     if fd < 0:
         if errno != EACCES and errno != EPERM and errno != EROFS:
@@ -947,8 +952,8 @@ def open_segment(path not None, Py_ssize_t head_size) -> tuple:
             PyErr_SetFromErrnoWithFilenameObject(OSError, path)
             return None
     if c_fstat(fd, &info) != 0:
+        _close_keeping_errno(fd)
         PyErr_SetFromErrnoWithFilenameObject(OSError, path)
-        c_close(fd)
         return None
     if not S_ISREG(info.st_mode):
         return fd, writable, -1, b""
@@ -957,10 +962,17 @@ def open_segment(path not None, Py_ssize_t head_size) -> tuple:
         if got >= 0 or errno != EINTR:
             break
     if got < 0:
+        _close_keeping_errno(fd)
         PyErr_SetFromErrnoWithFilenameObject(OSError, path)
-        c_close(fd)
         return None
     return fd, writable, info.st_size, PyBytes_FromStringAndSize(_head, got)
+
+
+cdef void _close_keeping_errno(int fd) noexcept:
+    """Close ``fd`` before raising the error in ``errno`` (raising leaves the function)."""
+    cdef int failed = libc_errno.errno
+    c_close(fd)
+    libc_errno.errno = failed
 
 
 # -- liveness of a writer: what the daemon asks of each idle process per tick --

@@ -669,16 +669,19 @@ def proc_start_ticks(pid: int) -> int | None:
 # to the open file, not to the process, so neither a reader in the writer's
 # own process nor a forked child that closes its copy can drop it, and the
 # kernel drops it when the writer ends, however it ends.
-FLOCK_STRUCT = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux (x86-64, arm64)
+FLOCK_STRUCT = struct.Struct("hhqqi")  # struct flock (64-bit offsets), natively aligned
 _WRITE_LOCK_PROBE = FLOCK_STRUCT.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+_OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None)  # Linux only
 
 
 def segment_locked(fd: int) -> bool:
     """True if some open file holds a lock on the segment open at ``fd``
     (then its writer is alive); False if none does, or if the file system
     cannot tell (then ask /proc: see ``segment.process_alive``)."""
+    if _OFD_GETLK is None:
+        return False
     try:
-        found = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _WRITE_LOCK_PROBE)
+        found = fcntl.fcntl(fd, _OFD_GETLK, _WRITE_LOCK_PROBE)
     except OSError:
         return False
     return FLOCK_STRUCT.unpack(found)[0] != fcntl.F_UNLCK

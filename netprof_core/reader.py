@@ -357,7 +357,11 @@ class SegmentReader:
                 self.polled = self._polled(head, size, _META_START)
                 self._head = head, self.polled[0][2]
             else:
-                self.polled = self.poll()
+                try:
+                    self.polled = self.poll()
+                except BaseException:
+                    self.close()
+                    raise
 
     @classmethod
     def first(cls, path: str | os.PathLike[str]) -> tuple[SegmentReader, SegmentSnapshot, int]:

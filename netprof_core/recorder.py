@@ -125,8 +125,11 @@ class Recorder:
         self.path = path
         self._buf: mmap.mmap = buf
         # Held open, locked, while this process writes the segment: its
-        # writer is alive for readers (segment.writer_alive) until it closes.
+        # writer is alive for readers (segment.writer_alive) until it closes,
+        # or this recorder is dropped without closing (then the finalizer
+        # closes it, so that no child forked later inherits it).
         self._lock_fd = lock_fd
+        self._lock_closer = weakref.finalize(self, os.close, lock_fd) if lock_fd is not None else None
         self._pid = os.getpid()
         self.header = parse_header(buf, path or "<private>")
         self.control = SegmentControl(buf, self.header)
@@ -283,9 +286,9 @@ class Recorder:
         parent_buf.close()
 
     def _release_lock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)
+        closer, self._lock_closer, self._lock_fd = self._lock_closer, None, None
+        if closer is not None:
+            closer()  # closes the descriptor, once
 
     def _mark_closed(self) -> None:
         """Mark this process's own segment closed, once (close() and exit both come here)."""

@@ -237,8 +237,11 @@ def lock_segment(fd: int) -> None:
     """Take the writer's lock: a read lock on the whole file, held by the open
     file (F_OFD_SETLK) until its last descriptor is closed. A file system
     without such locks leaves liveness to /proc."""
+    setlk = getattr(fcntl, "F_OFD_SETLK", None)  # Linux only
+    if setlk is None:
+        return
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE_READ_LOCK)
+        fcntl.fcntl(fd, setlk, _WHOLE_FILE_READ_LOCK)
     except OSError as exc:
         segment_logger.debug("cannot lock segment (liveness falls back to /proc): %s", exc)
 

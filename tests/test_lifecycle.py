@@ -347,6 +347,49 @@ def test_a_forked_child_does_not_keep_its_parents_segment_alive(
             proc.stdout.close()
 
 
+# A process whose recorder is dropped without close(), then forks a child
+# that lives on, and ends at once. Prints its segment, then the child's pid.
+_DROPPED = r"""
+import gc, os, sys, time
+from netprof_core import ProfilingConfig, Recorder
+rec = Recorder(ProfilingConfig(segment_dir=sys.argv[1], app_name="dropped"), implementation=sys.argv[2])
+print(rec.path, flush=True)
+del rec
+gc.collect()
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
+    time.sleep(600)
+os._exit(0)
+"""
+
+
+def test_a_recorder_dropped_without_close_leaves_no_lock_to_children(
+    implementation: str, segment_dir: Path
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DROPPED, str(segment_dir), implementation],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child_pid = None
+    try:
+        assert proc.stdout is not None
+        path = Path(proc.stdout.readline().strip())
+        child_pid = int(proc.stdout.readline())
+        assert proc.wait(timeout=60) == 0
+        assert not _locked(implementation, path), "the dropped recorder's lock went with it"
+        with SegmentReader(path) as reader:
+            assert reader.snapshot().source == "final"
+    finally:
+        if child_pid is not None:
+            os.kill(child_pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_a_writer_whose_pid_this_host_cannot_see_stays_live_while_locked(
     make_recorder: MakeRecorder, segment_dir: Path
 ) -> None:

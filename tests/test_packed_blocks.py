@@ -6,6 +6,7 @@ a full copy of the area packs."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -17,9 +18,8 @@ from typing import Any
 
 import pytest
 
+from netprof_core import SegmentReader, _recorder_py
 from netprof_core import _layout as L
-from netprof_core import _recorder_py
-from netprof_core import SegmentReader
 from netprof_core.reader import RouteKey, RouteSums
 
 
@@ -293,3 +293,23 @@ def test_the_recorder_keeps_each_routes_minimum(make_recorder: Any) -> None:
         slots = reader.layout.route_slots
         area = array("Q", os.pread(reader._fd, L.stats_prefix_words(slots, routes) * L.WORD, live))  # type: ignore[arg-type]
         assert _same(daemon.blocks, _recorder_py.pack_blocks(area, slots, routes, ()))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@CORES
+def test_open_segment_leaves_nothing_open_when_it_fails(core: object, tmp_path: Path) -> None:
+    """A file that opens but cannot be read (/proc/self/mem at 0: EIO), a
+    path that cannot be opened, a path with a NUL: an error, no descriptor left."""
+    before = _open_fds()
+    for _ in range(3):
+        with pytest.raises(OSError) as failed:
+            core.open_segment("/proc/self/mem", 512)  # type: ignore[attr-defined]
+        assert failed.value.errno == errno.EIO
+        with pytest.raises(FileNotFoundError):
+            core.open_segment(str(tmp_path / "missing.npseg"), 512)  # type: ignore[attr-defined]
+        with pytest.raises(ValueError, match="embedded null byte"):
+            core.open_segment(str(tmp_path / "a.npseg") + "\0junk", 512)  # type: ignore[attr-defined]
+    assert _open_fds() == before
