@@ -398,6 +398,23 @@ class SegmentReader:
         globals_, blocks, packed = got
         control_words, control = self._control_state(control_words)
         overhead = Histogram.from_packed(packed, globals_[L.G_OVERHEAD_MAX_NS])  # type: ignore[arg-type]  # read: no count then
+        counters = _counters(globals_, overflowed, control_words, overhead)
+        return self._kept(
+            header, control, counters, "final" if ended else "live", blocks, keys, control_words
+        )
+
+    def _kept(
+        self,
+        header: SegmentHeader,
+        control: ControlState,
+        counters: Counters,
+        source: str,
+        blocks: tuple[PackedBlock, ...],
+        keys: tuple[RouteKey, ...],
+        control_words: tuple[int, ...],
+    ) -> SegmentSnapshot:
+        """A complete snapshot, taken now, of what the daemon keeps: no route
+        objects, no records (what first() and refresh() give)."""
         return new_frozen(  # type: ignore[no-any-return]  # SegmentSnapshot(...), all fields given
             SegmentSnapshot,
             _SNAPSHOT_FIELDS,
@@ -405,11 +422,11 @@ class SegmentReader:
                 self.path,
                 header,
                 control,
-                _counters(globals_, overflowed, control_words, overhead),
+                counters,
                 (),
                 (),
                 time.time_ns(),
-                "final" if ended else "live",
+                source,
                 True,
                 blocks,
                 keys,
@@ -657,23 +674,14 @@ class SegmentReader:
                 continue  # written meanwhile: the reads may not agree
             globals_, overhead, blocks = got
             control_words, control = self._control_state(control_words)
-            return new_frozen(  # type: ignore[no-any-return]  # SegmentSnapshot(...), all fields given
-                SegmentSnapshot,
-                _SNAPSHOT_FIELDS,
-                (
-                    self.path,
-                    self._header(closed_ns),
-                    control,
-                    _counters(globals_, overflowed, control_words, overhead),
-                    (),
-                    (),
-                    time.time_ns(),
-                    "final" if closed_ns else "live",
-                    True,
-                    blocks,
-                    self._route_keys(route_count),
-                    control_words,
-                ),
+            return self._kept(
+                self._header(closed_ns),
+                control,
+                _counters(globals_, overflowed, control_words, overhead),
+                "final" if closed_ns else "live",
+                blocks,
+                self._route_keys(route_count),
+                control_words,
             )
         return self.snapshot(records=False, routes=False, alive=True)
 

@@ -274,6 +274,21 @@ os._exit(0)
 """
 
 
+@contextmanager
+def _script(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A Python process running ``code``, its output piped; killed at the end if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def _locked(implementation: str, path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -296,59 +311,35 @@ def test_a_writer_holds_its_segment_lock_until_it_closes(
 
 
 def test_a_sigkilled_writer_leaves_no_lock(implementation: str, segment_dir: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(segment_dir), implementation, "wait"],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with _script(_CHILD, str(segment_dir), implementation, "wait") as proc:
         assert proc.stdout is not None
         path = Path(proc.stdout.readline().strip())
         assert _locked(implementation, path)
-    finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        if proc.stdout is not None:
-            proc.stdout.close()
     assert not _locked(implementation, path)
     with SegmentReader(path) as reader:
         assert not reader.writer_alive()
 
 
-def test_a_forked_child_does_not_keep_its_parents_segment_alive(
-    implementation: str, segment_dir: Path
-) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _FORKING, str(segment_dir), implementation],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    child_pid = None
-    try:
+def test_a_forked_child_does_not_keep_its_parents_segment_alive(implementation: str, segment_dir: Path) -> None:
+    with _script(_FORKING, str(segment_dir), implementation) as proc:
         assert proc.stdout is not None
         parent_path = Path(proc.stdout.readline().strip())
         child_pid_text, child_path_text = proc.stdout.readline().split()
         child_pid, child_path = int(child_pid_text), Path(child_path_text)
-        assert proc.wait(timeout=60) == 0
-        assert child_path != parent_path
-        assert _locked(implementation, child_path), "the child writes its own segment, locked"
-        assert not _locked(implementation, parent_path), "the parent has ended; its child closed its copy"
-        with SegmentReader(parent_path) as reader:
-            assert not reader.writer_alive()
-            assert reader.snapshot().source == "final"
-    finally:
-        if child_pid is not None:
+        try:
+            assert proc.wait(timeout=60) == 0
+            assert child_path != parent_path
+            assert _locked(implementation, child_path), "the child writes its own segment, locked"
+            assert not _locked(implementation, parent_path), "the parent has ended; its child closed its copy"
+            with SegmentReader(parent_path) as reader:
+                assert not reader.writer_alive()
+                assert reader.snapshot().source == "final"
+        finally:
             os.kill(child_pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait(timeout=60)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
-# A process whose recorder is dropped without close(), then forks a child
-# that lives on, and ends at once. Prints its segment, then the child's pid.
 _DROPPED = r"""
 import gc, os, sys, time
 from netprof_core import ProfilingConfig, Recorder
@@ -366,28 +357,17 @@ os._exit(0)
 def test_a_recorder_dropped_without_close_leaves_no_lock_to_children(
     implementation: str, segment_dir: Path
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _DROPPED, str(segment_dir), implementation],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    child_pid = None
-    try:
+    with _script(_DROPPED, str(segment_dir), implementation) as proc:
         assert proc.stdout is not None
         path = Path(proc.stdout.readline().strip())
         child_pid = int(proc.stdout.readline())
-        assert proc.wait(timeout=60) == 0
-        assert not _locked(implementation, path), "the dropped recorder's lock went with it"
-        with SegmentReader(path) as reader:
-            assert reader.snapshot().source == "final"
-    finally:
-        if child_pid is not None:
+        try:
+            assert proc.wait(timeout=60) == 0
+            assert not _locked(implementation, path), "the dropped recorder's lock went with it"
+            with SegmentReader(path) as reader:
+                assert reader.snapshot().source == "final"
+        finally:
             os.kill(child_pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait(timeout=60)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_a_writer_whose_pid_this_host_cannot_see_stays_live_while_locked(
