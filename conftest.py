@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from netprof_core import ProfilingConfig, Recorder
-from netprof_core._recorder import NO_EXTENSIONS
+from netprof_core._recorder import NO_EXTENSIONS, core_module
 
 IMPLEMENTATIONS = [
     pytest.param("cython", marks=pytest.mark.c_extension, id="cython"),
@@ -40,6 +41,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request: pytest.FixtureRequest) -> str:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def core(implementation: str) -> ModuleType:
+    """The module of the parametrised core, for tests of its free functions
+    (pack_words, read_live, ...), which both cores have."""
+    return core_module(implementation)
 
 
 @pytest.fixture

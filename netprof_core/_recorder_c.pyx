@@ -528,15 +528,39 @@ cdef Py_ssize_t _packed_count(const Py_buffer* packed, Py_ssize_t limit) except 
     return n
 
 
+cdef bint _subtract_words(uint64_t* w, const char* vals, const uint16_t* idx, Py_ssize_t n) noexcept:
+    """``w[idx[i]] -= vals[i]`` for the ``n`` packed words, if none would go
+    below zero (checked first: indexes may repeat in words packed elsewhere);
+    else False, ``w`` unchanged."""
+    cdef Py_ssize_t i
+    cdef uint64_t v
+    for i in range(n):
+        memcpy(&v, vals + 8 * i, 8)
+        if w[idx[i]] < v:
+            return False
+    for i in range(n):
+        memcpy(&v, vals + 8 * i, 8)
+        w[idx[i]] -= v
+    return True
+
+
+cdef void _add_words(uint64_t* w, const char* vals, const uint16_t* idx, Py_ssize_t n) noexcept:
+    """``w[idx[i]] += vals[i]`` for the ``n`` packed words."""
+    cdef Py_ssize_t i
+    cdef uint64_t v
+    for i in range(n):
+        memcpy(&v, vals + 8 * i, 8)
+        w[idx[i]] += v
+
+
 cdef int _apply_packed(into, packed, bint subtract) except -1:
     """``into[i] += / -= value`` for each packed word; 0 when a subtraction
     would go below zero (``into`` unchanged), else 1."""
     cdef Py_buffer dst, src
-    cdef Py_ssize_t i, n
+    cdef Py_ssize_t n
     cdef uint64_t* w
     cdef const uint16_t* idx
     cdef const char* vals
-    cdef uint64_t v
     PyObject_GetBuffer(into, &dst, PyBUF_WRITABLE)
     try:
         PyObject_GetBuffer(packed, &src, PyBUF_SIMPLE)
@@ -546,17 +570,8 @@ cdef int _apply_packed(into, packed, bint subtract) except -1:
             vals = <const char*>src.buf + 8
             idx = <const uint16_t*>(vals + 8 * n)
             if subtract:
-                for i in range(n):
-                    memcpy(&v, vals + 8 * i, 8)
-                    if w[idx[i]] < v:
-                        return 0
-                for i in range(n):
-                    memcpy(&v, vals + 8 * i, 8)
-                    w[idx[i]] -= v
-            else:
-                for i in range(n):
-                    memcpy(&v, vals + 8 * i, 8)
-                    w[idx[i]] += v
+                return _subtract_words(w, vals, idx, n)
+            _add_words(w, vals, idx, n)
             return 1
         finally:
             PyBuffer_Release(&src)
@@ -724,8 +739,7 @@ cdef int _swap_packed(uint64_t* w, Py_ssize_t limit, bytes old, bint old_ours, b
     add_packed: 0, ``w`` unchanged, if the subtraction would go below zero.
     ``*_ours``: packed here (well-formed, indexes ascending), so not checked again."""
     cdef bint old_up = True, new_up = True
-    cdef Py_ssize_t no, nn, i, j
-    cdef uint64_t a, b
+    cdef Py_ssize_t no, nn
     if old_ours and new_ours and limit >= ROUTE_BLOCK_WORDS:
         no = (len(old) - 8) // 10
         nn = (len(new) - 8) // 10
@@ -738,16 +752,9 @@ cdef int _swap_packed(uint64_t* w, Py_ssize_t limit, bytes old, bint old_ours, b
     cdef const uint16_t* ni = <const uint16_t*>(nv + 8 * nn)
     if old_up and new_up:
         return _swap_ascending(w, ov, oi, no, nv, ni, nn)
-    for i in range(no):
-        memcpy(&a, ov + 8 * i, 8)
-        if w[oi[i]] < a:
-            return 0
-    for i in range(no):
-        memcpy(&a, ov + 8 * i, 8)
-        w[oi[i]] -= a
-    for j in range(nn):
-        memcpy(&b, nv + 8 * j, 8)
-        w[ni[j]] += b
+    if not _subtract_words(w, ov, oi, no):
+        return 0
+    _add_words(w, nv, ni, nn)
     return 1
 
 

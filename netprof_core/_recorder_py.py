@@ -634,6 +634,9 @@ def open_segment(path: str, head_size: int) -> tuple[int, bool, int, bytes]:
         if not stat.S_ISREG(info.st_mode):
             return fd, writable, -1, b""
         return fd, writable, info.st_size, os.pread(fd, head_size, 0)
+    except OSError as exc:  # named by its path, as the C twin's
+        os.close(fd)
+        raise OSError(exc.errno, exc.strerror, path) from None
     except BaseException:
         os.close(fd)
         raise

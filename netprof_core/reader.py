@@ -399,11 +399,11 @@ class SegmentReader:
         control_words, control = self._control_state(control_words)
         overhead = Histogram.from_packed(packed, globals_[L.G_OVERHEAD_MAX_NS])  # type: ignore[arg-type]  # read: no count then
         counters = _counters(globals_, overflowed, control_words, overhead)
-        return self._kept(
+        return self._made(
             header, control, counters, "final" if ended else "live", blocks, keys, control_words
         )
 
-    def _kept(
+    def _made(
         self,
         header: SegmentHeader,
         control: ControlState,
@@ -412,10 +412,17 @@ class SegmentReader:
         blocks: tuple[PackedBlock, ...],
         keys: tuple[RouteKey, ...],
         control_words: tuple[int, ...],
+        *,
+        routes: tuple[RouteStats, ...] = (),
+        records: tuple[RequestRecord, ...] = (),
+        taken_ns: int | None = None,
+        complete: bool = True,
     ) -> SegmentSnapshot:
-        """A complete snapshot, taken now, of what the daemon keeps: no route
-        objects, no records (what first() and refresh() give)."""
-        return new_frozen(  # type: ignore[no-any-return]  # SegmentSnapshot(...), all fields given
+        """The snapshot of what was read. By default what the daemon keeps
+        (first() and refresh()): no route objects, no records, taken now."""
+        # SegmentSnapshot(...), every field given, without the dataclass
+        # __init__ (new_frozen): one is made for every process read.
+        return new_frozen(  # type: ignore[no-any-return]
             SegmentSnapshot,
             _SNAPSHOT_FIELDS,
             (
@@ -423,11 +430,11 @@ class SegmentReader:
                 header,
                 control,
                 counters,
-                (),
-                (),
-                time.time_ns(),
+                routes,
+                records,
+                time.time_ns() if taken_ns is None else taken_ns,
                 source,
-                True,
+                complete,
                 blocks,
                 keys,
                 control_words,
@@ -623,23 +630,18 @@ class SegmentReader:
         next_index = globals_[L.G_NEXT_INDEX]
         now = time.time_ns() if now_ns is None else now_ns
         found = self._records(next_index, control, keys, now) if records else ()
-        return new_frozen(  # type: ignore[no-any-return]  # SegmentSnapshot(...), all fields given
-            SegmentSnapshot,
-            _SNAPSHOT_FIELDS,
-            (
-                self.path,
-                header,
-                control,
-                counters,
-                built,
-                found,
-                now,
-                source,
-                complete,
-                blocks,
-                keys,
-                control_words,
-            ),
+        return self._made(
+            header,
+            control,
+            counters,
+            source,
+            blocks,
+            keys,
+            control_words,
+            routes=built,
+            records=found,
+            taken_ns=now,
+            complete=complete,
         )
 
     def refresh(
@@ -674,7 +676,7 @@ class SegmentReader:
                 continue  # written meanwhile: the reads may not agree
             globals_, overhead, blocks = got
             control_words, control = self._control_state(control_words)
-            return self._kept(
+            return self._made(
                 self._header(closed_ns),
                 control,
                 _counters(globals_, overflowed, control_words, overhead),

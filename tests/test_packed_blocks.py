@@ -23,18 +23,6 @@ from netprof_core import _layout as L
 from netprof_core.reader import RouteKey, RouteSums
 
 
-def _cores() -> list[object]:
-    cores: list[object] = [_recorder_py]
-    try:
-        from netprof_core import _recorder_c  # type: ignore[attr-defined]
-    except ImportError:
-        return cores
-    return cores + [_recorder_c]
-
-
-CORES = pytest.mark.parametrize("core", _cores(), ids=lambda c: c.__name__.rsplit("_", 1)[-1])  # type: ignore[attr-defined]
-
-
 def _area(rng: random.Random, routes: int) -> array[int]:
     """A statistics area as a writer leaves it: each route's histogram holds
     nothing above its maximum's bucket; some routes were never used."""
@@ -70,7 +58,6 @@ def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
     return [(x.count, x.max_ns, x.packed) for x in a] == [(y.count, y.max_ns, y.packed) for y in b]  # type: ignore[attr-defined]
 
 
-@CORES
 def test_sparse_reads_give_the_blocks_a_full_copy_packs(core: object, tmp_path: Path) -> None:
     rng = random.Random(11)
     for trial in range(8):
@@ -97,7 +84,6 @@ def test_sparse_reads_give_the_blocks_a_full_copy_packs(core: object, tmp_path: 
             os.close(fd)
 
 
-@CORES
 @pytest.mark.parametrize("minimum", ["none", "above the maximum"])
 def test_a_block_without_a_trustworthy_minimum_is_read_whole(core: object, tmp_path: Path, minimum: str) -> None:
     """A segment from before the minimum was kept (0), or one whose minimum
@@ -117,7 +103,6 @@ def test_a_block_without_a_trustworthy_minimum_is_read_whole(core: object, tmp_p
     assert blocks[1].count == 50
 
 
-@CORES
 def test_read_live_checks_the_sequence_counter(core: object, tmp_path: Path) -> None:
     words = _area(random.Random(5), 3)
     fd = _file(tmp_path, words, 64)
@@ -143,7 +128,6 @@ def _sums(n: int) -> list[RouteSums]:
     return [RouteSums(RouteKey(L.Direction.INBOUND, "GET", f"/r{i}")) for i in range(n)]
 
 
-@CORES
 def test_replace_blocks_swaps_what_moved(core: object) -> None:
     rng = random.Random(2)
     routes = 5
@@ -163,7 +147,6 @@ def test_replace_blocks_swaps_what_moved(core: object) -> None:
     assert [s.max_ns for s in ours] == [s.max_ns for s in theirs]  # the maximum stays
 
 
-@CORES
 def test_replace_blocks_refuses_what_was_never_added(core: object) -> None:
     rng = random.Random(3)
     words = _area(rng, 2)
@@ -197,7 +180,6 @@ def test_replace_blocks_refuses_what_was_never_added(core: object) -> None:
         core.PackedBlock(1, 1, bytearray(8))  # type: ignore[attr-defined]
 
 
-@CORES
 def test_proc_start_ticks(core: object) -> None:
     mine = _recorder_py.proc_start_ticks(os.getpid())
     assert mine is not None and core.proc_start_ticks(os.getpid()) == mine  # type: ignore[attr-defined]
@@ -212,7 +194,6 @@ def test_proc_start_ticks(core: object) -> None:
         assert core.proc_start_ticks(gone) is None  # type: ignore[attr-defined]
 
 
-@CORES
 def test_new_frozen_is_the_dataclass_init(core: object) -> None:
     """What a frozen dataclass's __init__ makes, field by field, and its errors."""
     from dataclasses import FrozenInstanceError, fields
@@ -299,7 +280,6 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@CORES
 def test_open_segment_leaves_nothing_open_when_it_fails(core: object, tmp_path: Path) -> None:
     """A file that opens but cannot be read (/proc/self/mem at 0: EIO), a
     path that cannot be opened, a path with a NUL: an error, no descriptor left."""
@@ -308,6 +288,7 @@ def test_open_segment_leaves_nothing_open_when_it_fails(core: object, tmp_path: 
         with pytest.raises(OSError) as failed:
             core.open_segment("/proc/self/mem", 512)  # type: ignore[attr-defined]
         assert failed.value.errno == errno.EIO
+        assert failed.value.filename == "/proc/self/mem"
         with pytest.raises(FileNotFoundError):
             core.open_segment(str(tmp_path / "missing.npseg"), 512)  # type: ignore[attr-defined]
         with pytest.raises(ValueError, match="embedded null byte"):
