@@ -21,7 +21,7 @@ else:
     # Compiler directives are in the .pyx header.
     compiled_twins = ["_asgi_c", "_outbound_c", "_wsgi_c"]
     ext_modules = cythonize(
-        [Extension("netprof_core._recorder_c", ["netprof_core/_recorder_c.pyx"])]
+        [Extension(f"netprof_core.{name}", [f"netprof_core/{name}.pyx"]) for name in ("_recorder_c", "_awaiting_c")]
         + [Extension(f"netprof_core.{name}", [f"netprof_core/{name}.py"]) for name in compiled_twins]
     )
 

@@ -27,7 +27,7 @@ from typing import Any
 
 N = 2000
 WARMUP = 300
-APPS = ("wsgi", "asgi", "starlette", "httpx")
+APPS = ("wsgi", "asgi", "starlette", "httpx", "httpx-async")
 CORES = ("cython", "python")
 
 ENVIRON: dict[str, Any] = {
@@ -93,6 +93,24 @@ def _httpx_client(recorder: Any) -> Callable[[int], None]:
     return send
 
 
+def _async_httpx_client(recorder: Any) -> Callable[[int], None]:
+    import httpx
+    from test_client_benchmarks import URL, handler
+
+    from netprof_core.clients import instrument_httpx_client
+
+    loop = asyncio.new_event_loop()
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    if recorder is not None:
+        instrument_httpx_client(client, recorder)
+
+    async def sends(requests: int) -> None:
+        for _ in range(requests):
+            await client.get(URL)
+
+    return lambda requests: loop.run_until_complete(sends(requests))
+
+
 def serve(app_name: str, core: str, requests: int) -> None:
     """Runs in the process callgrind watches; core "bare" is the app alone."""
     from apps import raw_asgi_app, raw_wsgi_app, starlette_app
@@ -106,6 +124,8 @@ def serve(app_name: str, core: str, requests: int) -> None:
         recorder = Recorder(ProfilingConfig(segment_dir=tempfile.mkdtemp(), app_name="count"), implementation=core)
     if app_name == "httpx":
         run = _httpx_client(recorder)
+    elif app_name == "httpx-async":
+        run = _async_httpx_client(recorder)
     elif app_name == "wsgi":
         run = _wsgi_server(raw_wsgi_app if recorder is None else WSGIMiddleware(raw_wsgi_app, recorder=recorder))
     else:

@@ -16,6 +16,7 @@ cdef frozenset _DISCONNECT_NAMES
 cdef object _ASYNCIO_MARK
 cdef object _INSPECT_MARK
 cdef object monotonic_ns
+cdef object awaiting_for
 cdef object UNMATCHED_ROUTE
 
 
@@ -31,16 +32,20 @@ cdef class AsgiRequests:
     cdef dict route_ids
     cdef object record
     cdef RecorderCore core
+    cdef readonly object awaiting
+    cdef readonly object served
 
+    cpdef request_served(self, Exchange exchange, result, exc, _)
     @cython.locals(fields=dict, templates=dict, ttfb=int64_t)
     cdef finish(self, scope, Exchange exchange)
 
 
 cdef AsgiRequests requests_of(middleware)
 @cython.locals(exchange=Exchange)
-cdef Exchange new_exchange(dict scope, send)
+cdef Exchange new_exchange(scope, dict fields, send)
 @cython.locals(receiver=Receiver)
-cdef Receiver new_receiver(Exchange exchange, receive)
+cdef Receiver new_receiver(Exchange exchange, receive, awaiting)
+cpdef received(Exchange exchange, message, exc, _)
 
 
 # Reused, not allocated: an allocation of a garbage-collected object brings
@@ -49,10 +54,11 @@ cdef Receiver new_receiver(Exchange exchange, receive)
 @cython.freelist(256)
 cdef class Exchange:
     cdef object _send
+    cdef readonly object scope
     cdef readonly object root_path
     cdef readonly int64_t start
     cdef readonly int status
-    cdef readonly int64_t bytes_in
+    cdef public int64_t bytes_in
     cdef readonly int64_t bytes_out
     cdef readonly int64_t first_byte
     cdef public int64_t end
@@ -67,3 +73,4 @@ cdef class Exchange:
 cdef class Receiver:
     cdef Exchange exchange
     cdef object _receive
+    cdef object _awaiting

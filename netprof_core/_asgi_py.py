@@ -5,12 +5,14 @@ This one source runs twice: as it is, and compiled by Cython as ``_asgi_c``
 (``_asgi_c.py`` is a link to this file; ``_asgi_c.pxd`` gives it C types), as
 ``_wsgi_py.py`` does. Keep it to what Cython compiles from plain Python.
 
-What makes it cheap: the ``send`` the application gets is no coroutine of
-ours but an :class:`Exchange`, whose ``__call__`` notes the message and
-returns the server's own awaitable. The application then awaits the server
-directly, and a request costs no coroutine of ours per message (an ``async def``
-wrapper around ``send`` cost a server as much again as the rest of the
-middleware).
+What makes it cheap: no coroutine of ours runs. ``serve`` returns the
+application's own awaitable wrapped by ``awaiting`` (``_awaiting_c.pyx``: C
+code that steps it and reports its end), where an ``async def`` would add a
+coroutine to every request's await chain. The ``send`` the application gets is
+an :class:`Exchange`, whose ``__call__`` notes the message and returns the
+server's own awaitable, so the application awaits the server directly (an
+``async def`` wrapper around ``send`` cost a server as much again as the rest
+of the middleware); ``receive`` is wrapped by ``awaiting`` too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from time import monotonic_ns
 from typing import Any
 
 from ._layout import ErrorKind
-from .hooks import UNMATCHED_ROUTE, InboundHook, cython_core
+from .hooks import UNMATCHED_ROUTE, InboundHook, awaiting_for, cython_core
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -89,6 +91,18 @@ class AsgiRequests:
         self.route_ids = hook.route_ids
         self.record = hook.record
         self.core = cython_core(hook.recorder)
+        self.awaiting = awaiting_for(hook.recorder)
+        self.served = self.request_served  # bound once, not per request
+
+    def request_served(
+        self, exchange: Exchange, result: object, exc: BaseException | None, _: object
+    ) -> None:
+        """``awaiting``'s report: the application has returned, or raised ``exc``."""
+        scope = exchange.scope
+        exchange.scope = None  # an app may keep its send in the scope: no cycle left behind
+        if exc is not None:
+            exchange.failed(exc)
+        self.finish(scope, exchange)
 
     def finish(self, scope: Scope, exchange: Exchange) -> None:
         if not exchange.end:
@@ -124,28 +138,35 @@ def requests_of(middleware: Any) -> AsgiRequests:
     return middleware._requests  # type: ignore[no-any-return]
 
 
-async def serve(middleware: Any, scope: Scope, receive: Receive, send: Send) -> None:
-    """``NetProfMiddleware.__call__``: a coroutine function, as servers check."""
+def serve(middleware: Any, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+    """``NetProfMiddleware.__call__``: the application's awaitable, wrapped
+    when the request is one to record. Marked as a coroutine function below,
+    as servers check; what it returns is a ``collections.abc.Coroutine``."""
     requests = requests_of(middleware)
     if scope["type"] != "http" or (requests.excluded is not None and requests.excluded(scope["path"])):
-        await requests.app(scope, receive, send)
-        return
-    exchange = new_exchange(scope if type(scope) is dict else dict(scope), send)
+        return requests.app(scope, receive, send)  # type: ignore[no-any-return]
+    exchange = new_exchange(scope, scope if type(scope) is dict else dict(scope), send)
     try:
-        await requests.app(scope, new_receiver(exchange, receive), exchange)
-    except BaseException as exc:
-        exchange.failed(exc)
+        application = requests.app(scope, new_receiver(exchange, receive, requests.awaiting), exchange)
+    except BaseException as exc:  # an application that fails before it is awaited
+        requests.request_served(exchange, None, exc, None)
         raise
-    finally:
-        requests.finish(scope, exchange)
+    return requests.awaiting(application, requests.served, exchange, None)  # type: ignore[no-any-return]
 
 
-def new_exchange(scope: dict[str, Any], send: Send) -> Exchange:
+# The marks of a coroutine function, which servers look for on the ASGI 3
+# callable (uvicorn through asyncio's, Python 3.14's through inspect's).
+serve._is_coroutine = _ASYNCIO_MARK  # type: ignore[attr-defined]
+serve._is_coroutine_marker = _INSPECT_MARK  # type: ignore[attr-defined]
+
+
+def new_exchange(scope: Scope, fields: dict[str, Any], send: Send) -> Exchange:
     """A request starts. (``__new__`` and the fields set here, not ``__init__``:
     compiled, that takes an object from a free list, without parsing arguments.)"""
     exchange = Exchange.__new__(Exchange)
     exchange._send = send
-    exchange.root_path = scope.get("root_path", "")
+    exchange.scope = scope
+    exchange.root_path = fields.get("root_path", "")
     exchange.start = monotonic_ns()
     exchange.status = 0
     exchange.bytes_in = 0
@@ -167,7 +188,8 @@ class Exchange:
     end leaves out the server's wait for the client to take the chunk before."""
 
     _send: Send
-    root_path: str
+    scope: Scope | None  # as the server gave it, until the request is served
+    root_path: str  # scope["root_path"] when the request came in
     start: int  # monotonic ns
     status: int  # -1 when the app's start message had no valid one
     bytes_in: int
@@ -212,10 +234,11 @@ class Exchange:
             self.error_kind = _CLIENT_DISCONNECT if is_disconnect(exc, self._send) else _EXCEPTION
 
 
-def new_receiver(exchange: Exchange, receive: Receive) -> Receiver:
+def new_receiver(exchange: Exchange, receive: Receive, awaiting: Callable[..., Any]) -> Receiver:
     receiver = Receiver.__new__(Receiver)
     receiver.exchange = exchange
     receiver._receive = receive
+    receiver._awaiting = awaiting
     return receiver
 
 
@@ -228,20 +251,22 @@ class Receiver:
 
     exchange: Exchange
     _receive: Receive
+    _awaiting: Callable[..., Any]
     _is_coroutine = _ASYNCIO_MARK
     _is_coroutine_marker = _INSPECT_MARK
 
     def __call__(self) -> Awaitable[Message]:
-        return self.counted()
+        return self._awaiting(self._receive(), received, self.exchange, None)  # type: ignore[no-any-return]
 
-    async def counted(self) -> Message:
-        message = await self._receive()
-        kind = message["type"]
-        exchange = self.exchange
-        if kind == "http.request":
-            body = message.get("body")
-            if body:
-                exchange.bytes_in += len(body)
-        elif kind == "http.disconnect" and not exchange.end:
-            exchange.error_kind = _CLIENT_DISCONNECT
-        return message
+
+def received(exchange: Exchange, message: Any, exc: BaseException | None, _: object) -> None:
+    """``awaiting``'s report on a ``receive``: its message, or the exception it raised."""
+    if message is None:
+        return
+    kind = message["type"]
+    if kind == "http.request":
+        body = message.get("body")
+        if body:
+            exchange.bytes_in += len(body)
+    elif kind == "http.disconnect" and not exchange.end:
+        exchange.error_kind = _CLIENT_DISCONNECT

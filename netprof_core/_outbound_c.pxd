@@ -15,6 +15,7 @@ cdef object urlsplit
 cdef object _instrumentation
 cdef object timed
 cdef object timed_async
+cdef object awaiting_for
 
 
 cdef class OutboundHook:
@@ -31,6 +32,13 @@ cdef class OutboundHook:
     cdef _route(self, method, host, port, url)
     cpdef httpx_done(self, request, response, exc, start_ns)
     cpdef requests_done(self, request, response, exc, start_ns)
+
+
+cdef class AsyncHttpxTransport:
+    cdef readonly object inner
+    cdef readonly OutboundHook hook
+    cdef object awaiting
+    cdef object done
 
 
 @cython.locals(triples=list, name=bytes, value=bytes)

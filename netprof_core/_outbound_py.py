@@ -10,7 +10,7 @@ from plain Python: no ``cython`` import (annotations are for type checkers only)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -19,7 +19,7 @@ from . import _instrumentation
 from ._failures import error_kind_of
 from ._instrumentation import timed, timed_async
 from ._layout import Direction
-from .hooks import ROUTE_CACHE_LIMIT, content_length, cython_core
+from .hooks import ROUTE_CACHE_LIMIT, awaiting_for, content_length, cython_core
 
 if TYPE_CHECKING:
     from .recorder import Recorder
@@ -170,24 +170,26 @@ class HttpxTransport:
 
 
 class AsyncHttpxTransport:
-    """``HttpxTransport`` for ``httpx.AsyncBaseTransport``: one coroutine of
-    ours per request (``timed_async``, inlined)."""
+    """``HttpxTransport`` for ``httpx.AsyncBaseTransport``. Its requests are
+    awaited through ``awaiting`` (``_awaiting_c.pyx``): beside the Cython core,
+    C code where an ``async def`` would be one more coroutine per request."""
 
     def __init__(self, inner: Any, hook: OutboundHook) -> None:
         self.inner = inner
         self.hook = hook
+        self.awaiting = awaiting_for(hook.recorder)
+        self.done = hook.httpx_done  # bound once, not per request
 
-    async def handle_async_request(self, request: Any) -> Any:
+    def handle_async_request(self, request: Any) -> Awaitable[Any]:
         if _instrumentation.active is not None:  # see HttpxTransport
-            return await timed_async(self.hook.httpx_done, request, self.inner.handle_async_request, request)
+            return timed_async(self.done, request, self.inner.handle_async_request, request)
         start_ns = monotonic_ns()
         try:
-            response = await self.inner.handle_async_request(request)
-        except BaseException as exc:
-            self.hook.httpx_done(request, None, exc, start_ns)
+            sending = self.inner.handle_async_request(request)
+        except BaseException as exc:  # a transport that fails before it is awaited
+            self.done(request, None, exc, start_ns)
             raise
-        self.hook.httpx_done(request, response, None, start_ns)
-        return response
+        return self.awaiting(sending, self.done, request, start_ns)  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         await self.inner.aclose()

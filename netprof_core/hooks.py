@@ -4,12 +4,15 @@ rules that turn a request into a route. Each hook ends in one call to
 
 from __future__ import annotations
 
+import importlib
 import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _awaiting_py
 from ._layout import Direction
+from ._recorder import NO_EXTENSIONS
 from .config import ProfilingConfig
 from .recorder import Recorder
 
@@ -42,6 +45,17 @@ def content_length(value: str | None) -> int:
     return int(value) if value and value.isascii() and value.isdigit() else 0
 
 
+def _compiled_awaiting() -> Callable[..., Any] | None:
+    if NO_EXTENSIONS:
+        return None
+    try:
+        return importlib.import_module("netprof_core._awaiting_c").awaiting  # type: ignore[no-any-return]
+    except ImportError:  # the build is made to fail loudly; this is an editable tree
+        return None
+
+
+_COMPILED_AWAITING = _compiled_awaiting()
+
 _default: Recorder | None = None
 _default_lock = threading.Lock()
 
@@ -50,6 +64,14 @@ def cython_core(recorder: Recorder) -> Any:
     """The recorder's Cython core, which the compiled hooks call with C
     integers (``record_ints``); None beside the pure-Python twin."""
     return recorder._core if recorder.implementation == "cython" else None
+
+
+def awaiting_for(recorder: Recorder) -> Callable[..., Any]:
+    """``awaiting`` (``_awaiting_py.py``) to match the recorder's core: in C
+    beside the Cython core, an ``async def`` beside the pure-Python twin."""
+    if recorder.implementation == "cython" and _COMPILED_AWAITING is not None:
+        return _COMPILED_AWAITING
+    return _awaiting_py.awaiting
 
 
 def get_recorder(config: ProfilingConfig | None = None) -> Recorder:
