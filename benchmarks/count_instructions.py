@@ -10,12 +10,15 @@ For each application, bare and behind the hook (once per recorder core), it
 runs ``python count_instructions.py --serve VARIANT CORE N`` under callgrind
 for N and 2N requests after a warm-up: (instructions(2N) - instructions(N)) / N
 is the cost of one request, start-up and warm-up cancelled out. Hash
-randomisation is off (PYTHONHASHSEED=0) so that two runs count the same.
+randomisation is off (PYTHONHASHSEED=0) so that two runs count the same, and
+the start-up's objects are frozen (``gc.freeze()``) so that full collections
+of them do not land in one window and not the other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import re
@@ -121,17 +124,28 @@ def serve(app_name: str, core: str, requests: int) -> None:
 
     recorder = None
     if core != "bare":
-        recorder = Recorder(ProfilingConfig(segment_dir=tempfile.mkdtemp(), app_name="count"), implementation=core)
+        recorder = Recorder(
+            ProfilingConfig(segment_dir=tempfile.mkdtemp(), app_name="count"), implementation=core
+        )
     if app_name == "httpx":
         run = _httpx_client(recorder)
     elif app_name == "httpx-async":
         run = _async_httpx_client(recorder)
     elif app_name == "wsgi":
-        run = _wsgi_server(raw_wsgi_app if recorder is None else WSGIMiddleware(raw_wsgi_app, recorder=recorder))
+        run = _wsgi_server(
+            raw_wsgi_app if recorder is None else WSGIMiddleware(raw_wsgi_app, recorder=recorder)
+        )
     else:
         app = raw_asgi_app if app_name == "asgi" else starlette_app()
         run = _asgi_server(app if recorder is None else ASGIMiddleware(app, recorder=recorder))
     run(WARMUP)
+    # The objects of start-up, frozen out of the collector's reach: otherwise a
+    # full collection lands inside one run's window and not the other's, and
+    # moves a variant's count by thousands of instructions a request as its
+    # start-up grows or shrinks. Young collections, which the requests' own
+    # objects bring on, are still counted.
+    gc.collect()
+    gc.freeze()
     run(requests)
 
 

@@ -82,7 +82,7 @@ def handle_requests(transport: httpx.BaseTransport, requests: list[httpx.Request
         handle(request)
 
 
-def with_new_requests(transport: httpx.BaseTransport) -> Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]:
+def with_new_requests(transport: Any) -> Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]:
     """pedantic's setup: each round gets CALLS requests it has not seen."""
     return lambda: ((transport, [httpx.Request("GET", URL) for _ in range(CALLS)]), {})
 
@@ -96,5 +96,46 @@ def test_httpx_transport_instrumented(benchmark, make_recorder) -> None:
     client = instrument_httpx_client(httpx.Client(transport=PreparedTransport()), recorder)
     hooked = client._transport  # the hook's wrapper around PreparedTransport
     benchmark.pedantic(handle_requests, setup=with_new_requests(hooked), rounds=ROUNDS)
+    counters = recorder.snapshot(records=False).counters
+    assert counters.requests == ROUNDS * CALLS and counters.internal_errors == 0
+
+
+class PreparedAsyncTransport(httpx.AsyncBaseTransport):
+    """PreparedTransport for httpx.AsyncClient: a coroutine that returns at once."""
+
+    def __init__(self) -> None:
+        self.response = handler(httpx.Request("GET", URL))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return self.response
+
+
+def handle_async_requests(transport: httpx.AsyncBaseTransport, requests: list[httpx.Request]) -> None:
+    async def awaited() -> None:
+        handle = transport.handle_async_request
+        for request in requests:
+            await handle(request)
+
+    # Driven by hand, not by an event loop: the transport never suspends,
+    # and a loop's own cost per round would be most of the figure.
+    coroutine = awaited()
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError("the prepared transport suspended")
+
+
+def test_httpx_async_transport_bare(benchmark) -> None:
+    benchmark.pedantic(
+        handle_async_requests, setup=with_new_requests(PreparedAsyncTransport()), rounds=ROUNDS
+    )
+
+
+def test_httpx_async_transport_instrumented(benchmark, make_recorder) -> None:
+    recorder = make_recorder()
+    client = instrument_httpx_client(httpx.AsyncClient(transport=PreparedAsyncTransport()), recorder)
+    hooked = client._transport
+    benchmark.pedantic(handle_async_requests, setup=with_new_requests(hooked), rounds=ROUNDS)
     counters = recorder.snapshot(records=False).counters
     assert counters.requests == ROUNDS * CALLS and counters.internal_errors == 0

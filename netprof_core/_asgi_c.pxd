@@ -15,7 +15,7 @@ cdef int _CLIENT_DISCONNECT
 cdef frozenset _DISCONNECT_NAMES
 cdef object _ASYNCIO_MARK
 cdef object _INSPECT_MARK
-cdef object monotonic_ns
+from netprof_core._clock cimport now_ns
 cdef object awaiting_for
 cdef object UNMATCHED_ROUTE
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio.coroutines
 import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
-from time import monotonic_ns
+from ._clock import now_ns
 from typing import Any
 
 from ._layout import ErrorKind
@@ -102,11 +102,12 @@ class AsgiRequests:
         exchange.scope = None  # an app may keep its send in the scope: no cycle left behind
         if exc is not None:
             exchange.failed(exc)
-        self.finish(scope, exchange)
+        if scope is not None:  # not served already
+            self.finish(scope, exchange)
 
     def finish(self, scope: Scope, exchange: Exchange) -> None:
         if not exchange.end:
-            exchange.end = monotonic_ns()
+            exchange.end = now_ns()
         try:
             fields = scope if type(scope) is dict else dict(scope)
             template = self.route_key(scope) if self.route_key is not None else None
@@ -167,7 +168,7 @@ def new_exchange(scope: Scope, fields: dict[str, Any], send: Send) -> Exchange:
     exchange._send = send
     exchange.scope = scope
     exchange.root_path = fields.get("root_path", "")
-    exchange.start = monotonic_ns()
+    exchange.start = now_ns()
     exchange.status = 0
     exchange.bytes_in = 0
     exchange.bytes_out = 0
@@ -215,9 +216,9 @@ class Exchange:
                 self.bytes_out += len(body)
             if message.get("more_body", False) or self.trailers:
                 if not self.first_byte:
-                    self.first_byte = monotonic_ns()
+                    self.first_byte = now_ns()
             else:
-                self.end = monotonic_ns()
+                self.end = now_ns()
                 if not self.first_byte:
                     self.first_byte = self.end
         elif kind == "http.response.start":
@@ -226,7 +227,7 @@ class Exchange:
             self.status = status if isinstance(status, int) and 0 <= status <= 0xFFFF else -1
             self.trailers = bool(message.get("trailers", False))
         elif kind == "http.response.trailers" and not message.get("more_trailers", False):
-            self.end = monotonic_ns()
+            self.end = now_ns()
 
     def failed(self, exc: BaseException) -> None:
         """The application raised ``exc``."""

@@ -1,12 +1,12 @@
 # C types for _outbound_c, which Cython compiles from _outbound_py.py.
 cimport cython
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 
 from netprof_core._recorder_c cimport RecorderCore
 
 
 cdef object _OUTBOUND
-cdef object monotonic_ns
+from netprof_core._clock cimport now_ns
 cdef object error_kind_of
 cdef object content_length
 cdef Py_ssize_t ROUTE_CACHE_LIMIT
@@ -43,5 +43,7 @@ cdef class AsyncHttpxTransport:
 
 @cython.locals(triples=list, name=bytes, value=bytes)
 cdef _httpx_response_length(headers)
+@cython.locals(number=int64_t, digit=uint8_t)
+cdef _decimal(bytes digits)
 cpdef host_template(host, port)
 cpdef explicit_port(scheme, port)

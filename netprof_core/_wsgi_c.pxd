@@ -12,7 +12,7 @@ cdef int _NONE
 cdef int _EXCEPTION
 cdef dict _STATUS_CODES
 cdef Py_ssize_t _STATUS_CODES_LIMIT
-cdef object monotonic_ns
+from netprof_core._clock cimport now_ns
 
 
 cdef class WsgiRequests:

@@ -10,9 +10,9 @@ no ``cython`` import (annotations are for type checkers only).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from time import monotonic_ns
 from typing import Any
 
+from ._clock import now_ns
 from ._layout import ErrorKind
 from .hooks import (
     RECORDING_ENVIRON_KEY,
@@ -71,7 +71,7 @@ class WsgiRequests:
         return request
 
     def finish(self, request: Request, error_kind: int) -> None:
-        end = monotonic_ns()
+        end = now_ns()
         environ = request.environ
         try:
             template = self.route_key(environ) if self.route_key is not None else None
@@ -117,7 +117,7 @@ class Request:
         self.requests: WsgiRequests | None = requests
         self.environ = environ
         self._start_response = start_response
-        self.start = monotonic_ns()
+        self.start = now_ns()
         self.status = ""
         self.body: Iterable[bytes] = ()
         self.bytes_out = 0
@@ -132,7 +132,7 @@ class Request:
         try:
             for chunk in self.body:
                 if not self.first_byte:
-                    self.first_byte = monotonic_ns()
+                    self.first_byte = now_ns()
                 self.bytes_out += len(chunk)
                 yield chunk
         except GeneratorExit:

@@ -327,6 +327,36 @@ def test_a_template_that_is_a_str_subclass_is_a_template(make_recorder) -> None:
     assert (record.route.template, record.status) == ("/items/{item_id}", 200)
 
 
+@pytest.mark.parametrize(
+    ("header", "recorded"),
+    [
+        ("0", 0),
+        ("28", 28),
+        ("000123", 123),
+        ("9" * 18, 10**18 - 1),
+        ("9" * 19, 10**19 - 1),
+        ("12a", 0),
+        ("-1", 0),
+        ("", 0),
+        ("\u0663", 0),  # a digit to str.isdigit, not to a server
+    ],
+)
+def test_the_httpx_hook_reads_a_responses_content_length(make_recorder, header, recorded) -> None:
+    import httpx
+
+    from netprof_core.clients import instrument_httpx_client
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raw = [(b"content-length", header.encode())]
+        return httpx.Response(200, headers=raw, stream=httpx.ByteStream(b""))
+
+    recorder = make_recorder()
+    with instrument_httpx_client(httpx.Client(transport=httpx.MockTransport(handler)), recorder) as client:
+        client.get("http://upstream.example/x")
+    (record,) = recorder.snapshot().records
+    assert record.bytes_in == recorded
+
+
 def test_a_content_length_no_c_integer_holds_is_still_recorded(make_recorder) -> None:
     """A server answering Content-Length 2**64 - 1 (a -1 cast to unsigned):
     recorded, not an error of netprof's, which would switch recording off."""
