@@ -14,6 +14,8 @@ from cpython.object cimport PyObject
 
 from types import CoroutineType
 
+from netprof_core.log import logger
+
 
 cdef extern from "Python.h":
     ctypedef enum PySendResult:
@@ -66,28 +68,43 @@ cdef extern from *:
     object np_raised()
 
 
-def _delegate(awaitable):
-    # A generator has the send, throw and close that any awaitable's iterator may lack.
-    return (yield from awaitable.__await__())
+async def _delegate(awaitable):
+    # Any other awaitable, through the interpreter's own await: its checks,
+    # its errors, and a send, throw and close that the awaitable may lack.
+    return await awaitable
+
+
+def _unstarted():
+    # Thrown into before its first step, a generator raises what it is given,
+    # as an async def thrown into before its first step does.
+    yield
+
+
+def _report_failure():
+    logger.error("netprof: an await's end could not be recorded", exc_info=True)
 
 
 def awaiting(awaitable, on_end, context, start_ns):
     """An awaitable of ``awaitable``'s result that, once ``awaitable`` has
     returned or raised, calls ``on_end(context, result, None, start_ns)`` or
     ``on_end(context, None, exception, start_ns)``, once. The exception goes
-    on unchanged; one raised by ``on_end`` is the hook's bug, reported as
-    unraisable, and never reaches the awaiting code."""
+    on unchanged; one raised by ``on_end`` is the hook's bug, logged, and never
+    reaches the awaiting code. As with an ``async def``: closed or thrown into
+    before its first step, it reports nothing; freed while suspended, it is
+    closed, and reports the GeneratorExit."""
     cdef Awaiting pending = Awaiting.__new__(Awaiting)
     pending.steps = awaitable if type(awaitable) is CoroutineType else _delegate(awaitable)
     pending.on_end = on_end
     pending.context = context
     pending.start_ns = start_ns
+    pending.started = False
     pending.over = False
     return pending
 
 
+# No free list: the interpreter marks an object it has finalized for good,
+# and a free list would hand it out again, marked, never to be finalized.
 @cython.final
-@cython.freelist(64)
 cdef class Awaiting:
     """One await in flight (see ``awaiting``)."""
 
@@ -95,7 +112,8 @@ cdef class Awaiting:
     cdef object on_end
     cdef object context
     cdef object start_ns
-    cdef bint over  # on_end has been called
+    cdef bint started  # stepped at least once
+    cdef bint over  # on_end has been called, or will never be
 
     def __await__(self):
         return self
@@ -116,6 +134,9 @@ cdef class Awaiting:
         return np_raised()
 
     def throw(self, *exc_info):
+        if not self.started:
+            self._drop()
+            return _unstarted().throw(*exc_info)
         try:
             return self.steps.throw(*exc_info)
         except StopIteration as stop:
@@ -126,8 +147,11 @@ cdef class Awaiting:
             raise
 
     def close(self):
-        """Abandoned: recorded as an ``async def`` wrapper would be, with
-        the GeneratorExit that closed it."""
+        """Abandoned: reported with the GeneratorExit that closed it, as an
+        ``async def`` wrapper would be (nothing, before its first step)."""
+        if not self.started:
+            self._drop()
+            return
         try:
             self.steps.close()
         except BaseException as exc:
@@ -135,11 +159,30 @@ cdef class Awaiting:
             raise
         self._end(None, GeneratorExit())
 
+    def __del__(self):
+        # Freed while suspended (its task destroyed, say): closed, as the
+        # interpreter closes a coroutine it frees. A finalizer (tp_finalize),
+        # so that the cycle collector, which frees a destroyed task with all
+        # it holds, runs it before it clears anything the report needs.
+        if self.started and not self.over:
+            try:
+                self.close()
+            except BaseException:
+                _report_failure()
+
+    cdef _drop(self):
+        # Never stepped: what it would have awaited is closed unreported.
+        self.over = True
+        self.steps.close()
+
     cdef void _end(self, result, exc) noexcept:
         if self.over:
             return
         self.over = True
-        self.on_end(self.context, result, exc, self.start_ns)
+        try:
+            self.on_end(self.context, result, exc, self.start_ns)
+        except BaseException:
+            _report_failure()
 
 
 cdef object _taken(PyObject* reference):
@@ -155,7 +198,9 @@ cdef PySendResult awaiting_send(PyObject* pending_object, PyObject* value, PyObj
     cdef PyObject* exc_type
     cdef PyObject* exc_value
     cdef PyObject* traceback
-    cdef PySendResult status = PyIter_Send(<PyObject*>pending.steps, value, result)
+    cdef PySendResult status
+    pending.started = True
+    status = PyIter_Send(<PyObject*>pending.steps, value, result)
     if status == PYGEN_NEXT or pending.over:
         return status
     if status == PYGEN_RETURN:

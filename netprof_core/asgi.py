@@ -8,7 +8,7 @@ so ``/items/1`` and ``/items/2`` are one route.
 
 from __future__ import annotations
 
-import sys
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -23,8 +23,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 _ASGI = hook_path("asgi", "cython")
-# inspect.iscoroutinefunction() honours a function's coroutine mark from Python 3.12.
-_MARKS_SEEN_BY_INSPECT = sys.version_info >= (3, 12)
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RouteKey = Callable[[Scope], "str | None"]
@@ -49,10 +47,11 @@ class NetProfMiddleware(InboundHook):
     ) -> None:
         super().__init__(app, recorder, exclude_paths, route_key)
         self._requests = _ASGI.AsgiRequests(self)
-        if not _MARKS_SEEN_BY_INSPECT:
-            # What `inspect.iscoroutinefunction(app.__call__)` (hypercorn's ASGI 3
-            # test) finds: an instance attribute comes before the class's. A call
-            # `app(...)` still goes to the class's __call__.
+        if not inspect.iscoroutinefunction(self.__call__):
+            # Before Python 3.13 (3.12.0 and 3.12.1 at least) inspect does not
+            # see the marks through a bound method. What hypercorn's ASGI 3 test,
+            # `inspect.iscoroutinefunction(app.__call__)`, finds then is this
+            # instance attribute; a call `app(...)` still goes to the class's.
             self.__call__ = self._call_as_coroutine
 
     # The per-request work: compiled when netprof was built with its Cython

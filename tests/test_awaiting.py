@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import gc
+import types
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -197,3 +198,73 @@ def test_awaiting_makes_no_garbage_for_the_collector(awaiting) -> None:
             gc.enable()
     finally:
         loop.close()
+
+
+class Pause:
+    """An awaitable that suspends once, with no event loop needed."""
+
+    def __await__(self) -> Any:
+        yield "paused"
+
+
+async def _paused() -> int:
+    await Pause()
+    return 1
+
+
+def test_freed_while_suspended_it_is_closed_and_reported(awaiting) -> None:
+    # As a task destroyed with its loop leaves it: stepped once, then dropped.
+    ends = Ends()
+    inner = _paused()
+    pending = awaiting(inner, ends, "dropped", 0)
+    assert pending.send(None) == "paused"
+    del pending
+    gc.collect()
+    assert ends.calls == [("dropped", None, GeneratorExit, 0)]
+    assert inner.cr_frame is None
+
+
+@pytest.mark.filterwarnings("ignore:coroutine '_paused' was never awaited")
+def test_closed_or_thrown_into_before_its_first_step_it_reports_nothing(awaiting) -> None:
+    ends = Ends()
+    closed = awaiting(_paused(), ends, "closed", 0)
+    closed.close()
+    thrown = awaiting(_paused(), ends, "thrown", 0)
+    with pytest.raises(asyncio.CancelledError):
+        thrown.throw(asyncio.CancelledError())
+    with pytest.raises(ValueError):
+        awaiting(_paused(), ends, "typed", 0).throw(ValueError)
+    assert ends.calls == []
+
+
+def test_what_await_takes_it_takes_and_what_await_refuses_it_refuses(awaiting) -> None:
+    @types.coroutine
+    def generator_based() -> Any:
+        yield "paused"
+        return "generator"
+
+    def drive(pending: Any) -> Any:
+        async def outer() -> Any:
+            return await pending
+
+        coroutine = outer()
+        try:
+            while True:
+                coroutine.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+    ends = Ends()
+    assert drive(awaiting(generator_based(), ends, 1, 0)) == "generator"
+    with pytest.raises(TypeError, match="can't be used in 'await' expression"):
+        drive(awaiting(None, ends, 2, 0))
+    assert ends.calls == [(1, "generator", None, 0), (2, None, TypeError, 0)]
+
+
+def test_a_report_that_fails_is_logged_and_the_result_comes_through(awaiting, caplog) -> None:
+    def broken(*_: Any) -> None:
+        raise KeyError("the hook's bug")
+
+    with caplog.at_level("ERROR", logger="netprof"):
+        assert asyncio.run(awaiting(_returns("kept", 0.001), broken, None, 0)) == "kept"
+    assert "could not be recorded" in caplog.text and "the hook's bug" in caplog.text

@@ -376,6 +376,33 @@ def test_a_content_length_no_c_integer_holds_is_still_recorded(make_recorder) ->
     assert {record.bytes_in for record in snapshot.records} == {2**64 - 1}
 
 
+def test_a_request_whose_task_is_destroyed_is_recorded_once(make_recorder) -> None:
+    """A server's task destroyed with its loop while the app waits: the
+    request is still recorded, once, as an exception."""
+    import gc
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(10)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    recorder = make_recorder()
+    wrapped = ASGIMiddleware(app, recorder=recorder)
+    scope = {"type": "http", "method": "GET", "path": "/x", "root_path": "", "headers": []}
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(wrapped(scope, receive, send))
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    del task
+    gc.collect()
+    (record,) = recorder.snapshot().records
+    assert record.error_kind == ErrorKind.EXCEPTION
+
+
 def test_a_request_leaves_no_garbage_for_the_collector(make_recorder) -> None:
     """Under load every request's objects are young; one that only the cycle
     collector can free would make each collection longer, for every request."""
