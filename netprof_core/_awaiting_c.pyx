@@ -108,7 +108,7 @@ def awaiting(awaitable, on_end, context, start_ns):
 cdef class Awaiting:
     """One await in flight (see ``awaiting``)."""
 
-    cdef object steps  # a coroutine or generator: what is awaited
+    cdef object steps  # what is awaited: a coroutine, or _delegate() of another awaitable
     cdef object on_end
     cdef object context
     cdef object start_ns
