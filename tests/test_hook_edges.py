@@ -152,15 +152,16 @@ def test_routes_under_a_starlette_mount_keep_the_mount_prefix(make_recorder) -> 
     assert routes == {"/v1/items/{item_id}": 2, "/v2/items/{item_id}": 1}
 
 
+async def empty_receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b""}
+
+
+async def quiet_send(message: Any) -> None:
+    pass
+
+
 def run_asgi(app: Any, send: Any = None, path: str = "/x") -> None:
     """One GET through ``app``, as a server would call it."""
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def quiet_send(message: Any) -> None:
-        pass
-
     scope = {
         "type": "http",
         "method": "GET",
@@ -173,7 +174,7 @@ def run_asgi(app: Any, send: Any = None, path: str = "/x") -> None:
         "server": ("t", 80),
         "asgi": {"version": "3.0", "spec_version": "2.4"},
     }
-    asyncio.run(app(scope, receive, send or quiet_send))
+    asyncio.run(app(scope, empty_receive, send or quiet_send))
 
 
 def test_servers_see_an_asgi3_application(make_recorder) -> None:
@@ -384,17 +385,11 @@ def test_a_request_whose_task_is_destroyed_is_recorded_once(make_recorder) -> No
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await asyncio.sleep(10)
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Any) -> None:
-        pass
-
     recorder = make_recorder()
     wrapped = ASGIMiddleware(app, recorder=recorder)
     scope = {"type": "http", "method": "GET", "path": "/x", "root_path": "", "headers": []}
     loop = asyncio.new_event_loop()
-    task = loop.create_task(wrapped(scope, receive, send))
+    task = loop.create_task(wrapped(scope, empty_receive, quiet_send))
     loop.run_until_complete(asyncio.sleep(0.01))
     loop.close()
     del task
