@@ -58,6 +58,18 @@ async def _returns(value: Any, pause: float = 0.0) -> Any:
     return value
 
 
+class Pause:
+    """An awaitable that suspends once, with no event loop needed."""
+
+    def __await__(self) -> Any:
+        yield "paused"
+
+
+async def _paused() -> int:
+    await Pause()
+    return 1
+
+
 @pytest.mark.parametrize("value", [5, None, (1, 2), KeyError("a value, not raised"), StopIteration(3)])
 def test_the_result_comes_through_as_it_was(awaiting, value) -> None:
     ends = Ends()
@@ -146,16 +158,8 @@ def test_a_cancellation_the_awaited_handles_ends_with_its_result(awaiting) -> No
 
 
 def test_an_abandoned_await_is_reported_once_with_generator_exit(awaiting) -> None:
-    class Pause:
-        def __await__(self) -> Any:
-            yield "paused"
-
-    async def paused() -> int:
-        await Pause()
-        return 1
-
     ends = Ends()
-    inner = paused()
+    inner = _paused()
     pending = awaiting(inner, ends, "gone", 0)
 
     async def outer() -> Any:
@@ -198,18 +202,6 @@ def test_awaiting_makes_no_garbage_for_the_collector(awaiting) -> None:
             gc.enable()
     finally:
         loop.close()
-
-
-class Pause:
-    """An awaitable that suspends once, with no event loop needed."""
-
-    def __await__(self) -> Any:
-        yield "paused"
-
-
-async def _paused() -> int:
-    await Pause()
-    return 1
 
 
 def test_freed_while_suspended_it_is_closed_and_reported(awaiting) -> None:
