@@ -6,13 +6,17 @@ factories below. The end-to-end benchmark (test_end_to_end.py) has uvicorn
 import this module by path and call ``starlette_app`` or ``netprof_starlette_app``
 (``uvicorn --factory --app-dir benchmarks apps:netprof_starlette_app``); the
 wrapped one records into ``$NETPROF_BENCH_SEGMENT_DIR`` with the core named by
-``$NETPROF_BENCH_IMPLEMENTATION`` (the default when unset).
+``$NETPROF_BENCH_IMPLEMENTATION`` (the default when unset). Beside it run two
+controls, the least ASGI middleware (``passthrough_starlette_app``) and the
+least timing middleware written in Python (``send_wrapper_starlette_app``), and
+OpenTelemetry's middleware (``opentelemetry_starlette_app``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -65,6 +69,73 @@ def netprof_starlette_app() -> Any:
     config = ProfilingConfig(segment_dir=os.environ["NETPROF_BENCH_SEGMENT_DIR"], app_name="bench-e2e")
     recorder = Recorder(config, implementation=os.environ.get("NETPROF_BENCH_IMPLEMENTATION") or None)
     return NetProfMiddleware(starlette_app(), recorder=recorder)
+
+
+# -- the controls and the competitor of the end-to-end benchmarks ----------------
+
+
+def passthrough_starlette_app() -> Any:
+    """Control: a middleware that only awaits the application, the one coroutine
+    of its own the least ASGI middleware adds."""
+    app = starlette_app()
+
+    async def passthrough(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope, receive, send)
+
+    return passthrough
+
+
+def send_wrapper_starlette_app() -> Any:
+    """Control: the least a timing middleware written in Python does, the
+    pattern of most of them: time the request, take the status from a wrapped
+    ``send``, add the time up by status. No route, no bytes, no segment."""
+    import time
+
+    app = starlette_app()
+    clock = time.perf_counter_ns
+    totals: dict[int, int] = {}
+
+    async def timing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        start = clock()
+        status = 0
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await app(scope, receive, send_noting_status)
+        totals[status] = totals.get(status, 0) + clock() - start
+
+    return timing
+
+
+def opentelemetry_starlette_app() -> Any:
+    """OpenTelemetry's ASGI middleware, set up as test_hook_benchmarks.py sets
+    it up (tracing.py): the library a user would otherwise pick."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from tracing import counting_tracer_provider
+
+    provider, _ = counting_tracer_provider()
+    return OpenTelemetryMiddleware(starlette_app(), tracer_provider=provider)
+
+
+def compile_bytecode() -> None:
+    """Compile netprof's and this module's bytecode where it is stale, as pip
+    does when it installs a package. A server that compiles them at start-up
+    instead (an editable install under PYTHONDONTWRITEBYTECODE=1) keeps the
+    compiler's freed blocks in its heap, and libc's malloc then spends more on
+    every request: about +3 k instructions a request at 64 connections (1 k
+    at one), a cost of the checkout, not of netprof."""
+    import compileall
+
+    root = Path(__file__).resolve().parent
+    compileall.compile_dir(root.parent / "netprof_core", quiet=1)
+    compileall.compile_file(root / "apps.py", quiet=1)
+    compileall.compile_file(root / "tracing.py", quiet=1)
 
 
 def fastapi_app() -> Any:

@@ -19,6 +19,13 @@ With ``--connections 64`` the requests go over 64 keep-alive connections at
 once, as wrk sends them in the wall-clock benchmark: a server with many
 requests in flight spends more per request in its garbage collector (every
 request's objects are young), so what a middleware allocates costs more.
+
+Two controls run too (apps.py): a middleware that only awaits the app, and the
+least timing middleware written in Python. A count of instructions understates
+what a middleware costs a server: by the next request its code and data have
+left the CPU's first-level caches, which a count does not see and the CPU time
+of test_end_to_end.py does. (Run under ``valgrind --cache-sim=yes``, netprof
+adds some 450 first-level instruction-cache misses a request at 64 connections.)
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
 
-from apps import PATH
+from apps import PATH, compile_bytecode
 
 WARMUP = 500
 REQUEST = f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: count\r\n\r\n".encode()
@@ -47,6 +54,8 @@ VARIANTS = {  # name: (factory in apps.py, recorder core)
     "bare": ("starlette_app", ""),
     "netprof[cython]": ("netprof_starlette_app", "cython"),
     "netprof[python]": ("netprof_starlette_app", "python"),
+    "pass-through middleware": ("passthrough_starlette_app", ""),
+    "timing middleware": ("send_wrapper_starlette_app", ""),
 }
 
 
@@ -155,6 +164,7 @@ def per_request(variant: str, requests: int, connections: int) -> int:
 
 
 def main(requests: int, connections: int) -> None:
+    compile_bytecode()  # as an installed netprof has it
     print(
         f"uvicorn + Starlette, GET {PATH}, {requests} and {2 * requests} requests over {connections} connection(s)"
     )

@@ -13,7 +13,11 @@ counts them; GET /served).
 
 One uvicorn per variant (1 worker, ``--log-level warning --no-access-log``,
 serving benchmarks/apps.py): the bare Starlette app, a second bare server as a
-control, and the app behind the middleware once per recorder core. uvicorn uses
+control, the app behind the middleware once per recorder core, and three more
+for scale: behind a middleware that only awaits the app, behind the least
+timing middleware written in Python (a wrapped ``send`` takes the status), and
+behind OpenTelemetry's. Bytecode is compiled first, as an installed package
+has it (apps.compile_bytecode says why). uvicorn uses
 uvloop and httptools when they are importable (``uvicorn[standard]``), else
 asyncio and h11; the first line printed says which. All servers start first and
 stay up; each run then loads every server in turn for NETPROF_E2E_SECONDS with
@@ -52,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from apps import PATH, SERVED_PATH, TEMPLATE
+from apps import PATH, SERVED_PATH, TEMPLATE, compile_bytecode
 
 RUNS = int(os.environ.get("NETPROF_E2E_RUNS", "5"))
 SECONDS = int(os.environ.get("NETPROF_E2E_SECONDS", "5"))
@@ -101,6 +105,10 @@ def _variants() -> list[Variant]:
     if not NO_EXTENSIONS:
         variants.append(Variant("netprof[cython]", "netprof_starlette_app", "cython"))
     variants.append(Variant("netprof[python]", "netprof_starlette_app", "python"))
+    # What any middleware costs this server, and what the usual choice costs.
+    variants.append(Variant("pass-through middleware", "passthrough_starlette_app"))
+    variants.append(Variant("timing middleware", "send_wrapper_starlette_app"))
+    variants.append(Variant("OpenTelemetry", "opentelemetry_starlette_app"))
     return variants
 
 
@@ -128,6 +136,7 @@ def _wait_ready(port: int, server: subprocess.Popen[bytes], timeout: float = 20.
 
 @contextmanager
 def _servers(variants: list[Variant]) -> Iterator[None]:
+    compile_bytecode()  # as an installed netprof has it
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for variant in variants:
@@ -250,10 +259,11 @@ def run() -> list[Variant]:
 def _report(variants: list[Variant]) -> None:
     median = statistics.median
     base = variants[0]
-    print(f"{'variant':20} {'median req/s':>12} {'min':>7} {'max':>7} {'loss':>7}"
+    width = max(len(v.name) for v in variants)
+    print(f"{'variant':{width}} {'median req/s':>12} {'min':>7} {'max':>7} {'loss':>7}"
           f" {'CPU µs/req':>10} {'min':>6} {'max':>6} {'cpu cost':>8} {'paired':>7}")  # fmt: skip
     for v in variants:
-        line = f"{v.name:20} {median(v.rps):12.0f} {min(v.rps):7.0f} {max(v.rps):7.0f} "
+        line = f"{v.name:{width}} {median(v.rps):12.0f} {min(v.rps):7.0f} {max(v.rps):7.0f} "
         if v is base:
             line += f"{'-':>7} "
         else:

@@ -48,15 +48,24 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 import pytest
-from apps import PATH, TEMPLATE, Message, Scope
-from apps import fastapi_app, flask_app, raw_asgi_app, raw_wsgi_app, starlette_app
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from apps import (
+    PATH,
+    TEMPLATE,
+    Message,
+    Scope,
+    fastapi_app,
+    flask_app,
+    raw_asgi_app,
+    raw_wsgi_app,
+    starlette_app,
+)
+from opentelemetry.sdk.trace import TracerProvider
 from pytest_benchmark.fixture import BenchmarkFixture
+from tracing import CountingExporter, counting_tracer_provider
 
 from netprof_core import Recorder
 from netprof_core.asgi import NetProfMiddleware as NetProfASGI
@@ -67,7 +76,7 @@ CALLS = 1000
 ASGIApp = Callable[[Scope, Any, Any], Coroutine[Any, Any, None]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 MakeRecorder = Callable[..., Recorder]
-Tracing = tuple[TracerProvider, "CountingExporter"]
+Tracing = tuple[TracerProvider, CountingExporter]
 Loop = asyncio.AbstractEventLoop
 
 SCOPE: dict[str, Any] = {
@@ -205,25 +214,9 @@ def _assert_recorded(recorder: Recorder, template: str) -> None:
 # -- the competitors -------------------------------------------------------------
 
 
-class CountingExporter(SpanExporter):
-    """Exports nowhere: counts the spans, so a test can see they were made."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.spans += len(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-
 @pytest.fixture
 def tracing() -> Iterator[Tracing]:
-    exporter = CountingExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider, exporter = counting_tracer_provider()
     yield provider, exporter
     provider.shutdown()
 
