@@ -174,7 +174,7 @@ def main(requests: int, connections: int) -> None:
         if variant == "netprof[cython]" and os.environ.get("NETPROF_NO_EXTENSIONS") == "1":
             continue
         count = per_request(variant, requests, connections)
-        print(f"{variant}: {count} instructions/request, +{count - bare} ({(count - bare) / bare:+.2%})")
+        print(f"{variant}: {count} instructions/request, {count - bare:+} ({(count - bare) / bare:+.2%})")
 
 
 if __name__ == "__main__":
