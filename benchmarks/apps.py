@@ -128,8 +128,8 @@ def compile_bytecode() -> None:
     does when it installs a package. A server that compiles them at start-up
     instead (an editable install under PYTHONDONTWRITEBYTECODE=1) keeps the
     compiler's freed blocks in its heap, and libc's malloc then spends more on
-    every request: about +3 k instructions a request at 64 connections (1 k
-    at one), a cost of the checkout, not of netprof."""
+    every request: some +3 k instructions a request at 64 connections, a
+    cost of the checkout, not of netprof (BENCHMARKS.md has the profile)."""
     import compileall
 
     root = Path(__file__).resolve().parent
