@@ -87,8 +87,9 @@ def passthrough_starlette_app() -> Any:
 
 def send_wrapper_starlette_app() -> Any:
     """Control: the least a timing middleware written in Python does, the
-    pattern of most of them: time the request, take the status from a wrapped
-    ``send``, add the time up by status. No route, no bytes, no segment."""
+    pattern of most of them cut to its bones, a lower bound for them: time the
+    request, take the status from a wrapped ``send``, add the time up by
+    status. No route, no method, no bytes, no histogram, no segment."""
     import time
 
     app = starlette_app()
@@ -128,14 +129,22 @@ def compile_bytecode() -> None:
     does when it installs a package. A server that compiles them at start-up
     instead (an editable install under PYTHONDONTWRITEBYTECODE=1) keeps the
     compiler's freed blocks in its heap, and libc's malloc then spends more on
-    every request: some +3 k instructions a request at 64 connections, a
-    cost of the checkout, not of netprof (BENCHMARKS.md has the profile)."""
+    every request (BENCHMARKS.md has the profile): a cost of the checkout, not
+    of netprof. Where the bytecode cannot be written (a read-only checkout),
+    says so: the figures then carry that cost."""
     import compileall
+    import sys
 
     root = Path(__file__).resolve().parent
-    compileall.compile_dir(root.parent / "netprof_core", quiet=1)
-    compileall.compile_file(root / "apps.py", quiet=1)
-    compileall.compile_file(root / "tracing.py", quiet=1)
+    compiled = compileall.compile_dir(root.parent / "netprof_core", quiet=2)
+    for module in ("apps.py", "tracing.py"):
+        compiled = compileall.compile_file(root / module, quiet=2) and compiled
+    if not compiled:
+        print(
+            "warning: could not write netprof's bytecode; each server compiles it at start-up,"
+            " and the figures include what that costs (apps.compile_bytecode)",
+            file=sys.stderr,
+        )
 
 
 def fastapi_app() -> Any:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions a real uvicorn + Starlette server spends per request, bare and
-behind NetProfMiddleware, counted by valgrind's callgrind: the end-to-end cost
-of the middleware as a figure that a busy machine does not move.
+behind NetProfMiddleware, counted by valgrind's callgrind: a figure that a
+busy machine does not move, though not the whole cost (see the end).
 
     PYTHONPATH=. python benchmarks/count_server_instructions.py [REQUESTS] [--connections C]
 
@@ -12,8 +12,7 @@ lost). Here each server runs under callgrind, one client outside it sends GET
 /items/42 on a keep-alive connection, one request after another; the server is
 stopped with SIGINT and callgrind prints its total. Two runs per variant, of N
 and 2N requests after the same warm-up: (total(2N) - total(N)) / N is the
-server's cost of one request, start-up and shut-down cancelled out. A server
-whose CPU is the bottleneck loses throughput in proportion.
+server's cost of one request, start-up and shut-down cancelled out.
 
 With ``--connections 64`` the requests go over 64 keep-alive connections at
 once, as wrk sends them in the wall-clock benchmark: a server with many
@@ -24,8 +23,11 @@ Two controls run too (apps.py): a middleware that only awaits the app, and the
 least timing middleware written in Python. A count of instructions understates
 what a middleware costs a server: by the next request its code and data have
 left the CPU's first-level caches, which a count does not see and the CPU time
-of test_end_to_end.py does. (Run under ``valgrind --cache-sim=yes``, netprof
-adds some 450 first-level instruction-cache misses a request at 64 connections.)
+of test_end_to_end.py does. (Run under ``valgrind --tool=callgrind
+--cache-sim=yes``, netprof adds some 450 first-level instruction-cache misses
+a request at 64 connections.) At 64 connections the counts move by about
+±1.5 k instructions a request between runs: the client's threads interleave
+the requests differently each time.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
 
 from apps import PATH, compile_bytecode
+
+from netprof_core._recorder import NO_EXTENSIONS
 
 WARMUP = 500
 REQUEST = f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: count\r\n\r\n".encode()
@@ -171,7 +175,7 @@ def main(requests: int, connections: int) -> None:
     bare = per_request("bare", requests, connections)
     print(f"bare: {bare} instructions/request")
     for variant in list(VARIANTS)[1:]:
-        if variant == "netprof[cython]" and os.environ.get("NETPROF_NO_EXTENSIONS") == "1":
+        if variant == "netprof[cython]" and NO_EXTENSIONS:
             continue
         count = per_request(variant, requests, connections)
         print(f"{variant}: {count} instructions/request, {count - bare:+} ({(count - bare) / bare:+.2%})")
