@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio.coroutines
 import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
-from ._clock import now_ns
 from typing import Any
 
+from ._clock import now_ns
 from ._layout import ErrorKind
 from .hooks import UNMATCHED_ROUTE, InboundHook, awaiting_for, cython_core
 

@@ -32,10 +32,10 @@ ROUTE_ENVIRON_KEY = "netprof.route"
 # Set in the environ by the WSGI middleware: a framework adapter beneath it
 # then only notes the route, and the request is recorded once.
 RECORDING_ENVIRON_KEY = "netprof.recording"
-# Methods a client may invent: any other is recorded as OTHER, so that a scanner
-# sending random methods cannot fill the route table.
 # How many routes a hook keeps at hand for its hot path.
 ROUTE_CACHE_LIMIT = 4096
+# Methods a client may invent: any other is recorded as OTHER, so that a scanner
+# sending random methods cannot fill the route table.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
 
