@@ -118,7 +118,7 @@ class AsgiRequests:
             route = templates.get(template) if templates is not None else None
             if route is None:
                 route = self.hook.intern(template, method)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exception inside netprof never reaches the application
             self.hook.recorder.internal_error(exc)
             return
         ttfb = exchange.first_byte - exchange.start if exchange.first_byte else 0

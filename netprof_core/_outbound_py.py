@@ -22,6 +22,8 @@ from ._layout import Direction
 from .hooks import ROUTE_CACHE_LIMIT, awaiting_for, content_length, cython_core
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from .recorder import Recorder
 
 PathTemplate = Callable[[str], str]
@@ -116,7 +118,7 @@ class OutboundHook:
             except AttributeError:  # another httpx: the public way
                 host, port = url.raw_host.decode("ascii"), url.port
             self.record(request.method, host, port, url, status, start_ns, end_ns, bytes_in, bytes_out, exc)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - an exception inside netprof never reaches the application
             self.recorder.internal_error(error)
 
     def requests_done(self, request: Any, response: Any, exc: BaseException | None, start_ns: int) -> None:
@@ -131,7 +133,7 @@ class OutboundHook:
                 bytes_in = content_length(response.headers.get("Content-Length"))
             host, port, method = url.hostname or "", explicit_port(url.scheme, url.port), request.method
             self.record(method, host, port, request.url, status, start_ns, end_ns, bytes_in, bytes_out, exc)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - an exception inside netprof never reaches the application
             self.recorder.internal_error(error)
 
 
@@ -161,11 +163,11 @@ class HttpxTransport:
     def close(self) -> None:
         self.inner.close()
 
-    def __enter__(self) -> HttpxTransport:
+    def __enter__(self) -> Self:
         self.inner.__enter__()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.inner.__exit__(*exc_info)
 
 
@@ -194,11 +196,11 @@ class AsyncHttpxTransport:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-    async def __aenter__(self) -> AsyncHttpxTransport:
+    async def __aenter__(self) -> Self:
         await self.inner.__aenter__()
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.inner.__aexit__(*exc_info)
 
 

@@ -15,9 +15,9 @@ if sys.byteorder != "little":  # the cores write native words into a little-endi
     raise ImportError("netprof_core runs on little-endian hosts only")
 
 if TYPE_CHECKING:
-    from ._recorder_py import RecorderCore as RecorderCore
-    from ._recorder_py import add_counts as add_counts
-    from ._recorder_py import subtract_counts as subtract_counts
+    from ._recorder_py import RecorderCore as RecorderCore  # noqa: PLC0414 - explicit re-export
+    from ._recorder_py import add_counts as add_counts  # noqa: PLC0414 - explicit re-export
+    from ._recorder_py import subtract_counts as subtract_counts  # noqa: PLC0414 - explicit re-export
 else:
     if NO_EXTENSIONS:
         from ._recorder_py import RecorderCore, add_counts, subtract_counts
@@ -25,7 +25,7 @@ else:
         try:
             from ._recorder_c import RecorderCore, add_counts, subtract_counts
         except ImportError:  # the build is made to fail loudly; this is an editable tree
-            from ._recorder_py import RecorderCore, add_counts, subtract_counts
+            from ._recorder_py import RecorderCore, add_counts, subtract_counts  # noqa: F401 - re-exported
 
 def implementation_of(core_class: type) -> str:
     return "cython" if core_class.__module__.endswith("_recorder_c") else "python"

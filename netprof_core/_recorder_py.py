@@ -33,7 +33,7 @@ def invalid_arguments(graceful: bool, args: tuple[object, ...]) -> ValueError:
         return ValueError(f"{message}; got types {tuple(type(arg).__name__ for arg in args)}")
     try:
         return ValueError(f"{message}; got {args!r}")
-    except Exception:
+    except Exception:  # noqa: BLE001 - an argument's repr may raise anything
         return ValueError(message)
 
 

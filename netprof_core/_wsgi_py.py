@@ -91,7 +91,7 @@ class WsgiRequests:
                     _STATUS_CODES[request.status] = status
             value = environ.get("CONTENT_LENGTH")
             bytes_in = content_length(value) if value else 0
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exception inside netprof never reaches the application
             self.hook.recorder.internal_error(exc)
             return
         ttfb = request.first_byte - request.start if request.first_byte else 0

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _instrumentation
 from ._failures import error_kind_of
-from ._instrumentation import timed, timed_async
 from ._hookpaths import hook_path
+from ._instrumentation import timed, timed_async
 from ._outbound_py import OutboundHook, explicit_port
 from .hooks import content_length, get_recorder
 from .log import recorder_logger
@@ -83,7 +83,7 @@ def instrument(recorder: Recorder | None = None, *, path_template: PathTemplate 
                 install()
             except ImportError:
                 continue  # not installed
-            except Exception as exc:  # a library version we do not know: the others still work
+            except Exception as exc:  # noqa: BLE001 - a library version we do not know: the others still work
                 recorder_logger.error(
                     "netprof: cannot hook %s: %r", install.__name__[len("_install_") :], exc
                 )
@@ -265,7 +265,7 @@ def _aiohttp_done(
         url = params.url
         host, port = url.raw_host or "", explicit_port(url.scheme, url.port)
         hook.record(params.method, host, port, url, status, start_ns, end_ns, bytes_in, bytes_out, exc)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - an exception inside netprof never reaches the application
         hook.recorder.internal_error(error)
 
 
@@ -318,7 +318,7 @@ def _install_aiohttp() -> None:
             ):
                 return trace_configs
             return [*(trace_configs or ()), everywhere]
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - an exception inside netprof never reaches the application
             if (hook := _instrumentation.active) is not None:
                 hook.recorder.internal_error(error)
             return trace_configs

@@ -8,10 +8,14 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import _layout as L
 from .config import ProfilingConfig
 from .segment import SegmentHeader, map_segment
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ("ControlState", "SegmentControl", "initial_control", "read_control_words")
 
@@ -113,7 +117,7 @@ class SegmentControl:
     def close(self) -> None:
         self._buf.close()
 
-    def __enter__(self) -> SegmentControl:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -141,7 +145,8 @@ class SegmentControl:
 
     def _set_flag(self, word: int, name: str, on: bool) -> None:
         if not isinstance(on, bool):
-            raise ValueError(f"{name} must be true or false, got {on!r}")
+            # ValueError, as for every other bad setting here (a public API: kept as it is).
+            raise ValueError(f"{name} must be true or false, got {on!r}")  # noqa: TRY004
         self._set(word, int(on))
 
     def set_feature_flag(self, on: bool) -> None:

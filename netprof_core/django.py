@@ -75,7 +75,7 @@ class NetProfMiddleware(InboundHook):
             streaming = response is None or getattr(response, "streaming", False)
             bytes_out = 0 if streaming else len(response.content)
             bytes_in = content_length(meta.get("CONTENT_LENGTH"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exception inside netprof never reaches the application
             self.recorder.internal_error(exc)
             return
         self.record(route, status, start, end, bytes_in, bytes_out, error_kind)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ._layout import HIST_BUCKETS, bucket_bounds, bucket_index
 from ._recorder import add_counts, core_module, subtract_counts
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _core = core_module()
 add_packed, pack_words, subtract_packed = _core.add_packed, _core.pack_words, _core.subtract_packed
@@ -96,7 +100,7 @@ class Histogram:
         merged += other
         return merged
 
-    def __iadd__(self, other: Histogram) -> Histogram:
+    def __iadd__(self, other: Histogram) -> Self:
         other.add_to(self.counts)
         self.max_ns = None if self.max_ns is None or other.max_ns is None else max(self.max_ns, other.max_ns)
         return self

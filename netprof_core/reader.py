@@ -49,6 +49,8 @@ __all__ = (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from ._recorder_py import PackedBlock, new_frozen, open_segment, pack_blocks, read_live, segment_locked
 else:  # the live core's: a C type where the Cython core is in use
     _core = core_module()
@@ -172,8 +174,7 @@ class RouteSums:
     def add_block(self, block: PackedBlock) -> None:
         """Add a route block read from a segment."""
         add_packed(self.words, block.packed)
-        if block.max_ns > self.max_ns:
-            self.max_ns = block.max_ns
+        self.max_ns = max(self.max_ns, block.max_ns)
 
     def subtract_block(self, block: PackedBlock) -> None:
         """Take away a block added before (the maximum stays: the largest ever seen)."""
@@ -490,7 +491,7 @@ class SegmentReader:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> SegmentReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

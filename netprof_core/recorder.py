@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import _layout as L
 from ._recorder import core_module, implementation_of
@@ -31,6 +31,9 @@ from .segment import (
     remove_stale_segments,
     write_route_name,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ("Measurement", "Recorder")
 
@@ -155,7 +158,7 @@ class Recorder:
             if route is not None:
                 return route
             return self._intern(key)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an exception inside netprof never reaches the application
             self.internal_error(exc)
             return L.OVERFLOW_ROUTE_ID
 
@@ -263,7 +266,7 @@ class Recorder:
             self.path.unlink(missing_ok=True)
         _recorders.discard(self)
 
-    def __enter__(self) -> Recorder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -315,7 +318,7 @@ class Measurement:
         self.error_kind = L.ErrorKind.NONE
         self.start_ns = 0
 
-    def __enter__(self) -> Measurement:
+    def __enter__(self) -> Self:
         self.start_ns = time.monotonic_ns()
         return self
 
@@ -384,7 +387,7 @@ def _after_fork_in_child() -> None:
     for recorder in list(_recorders):
         try:
             recorder._after_fork_in_child()
-        except Exception as exc:  # never break the child over its profiler
+        except Exception as exc:  # noqa: BLE001 - never break the child over its profiler
             recorder_logger.error("netprof: could not give the forked child its own segment: %s", exc)
 
 
@@ -392,5 +395,5 @@ def _at_exit() -> None:
     for recorder in list(_recorders):
         try:
             recorder._mark_closed()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - never fail the exit; the other segments still get marked
             pass

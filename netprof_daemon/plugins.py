@@ -67,7 +67,7 @@ def _in_daemon_thread(
         outcome: Callable[[], None]
         try:
             outcome = functools.partial(future.set_result, call())
-        except BaseException as error:  # handed to the awaiting coroutine
+        except BaseException as error:  # noqa: BLE001  (handed to the awaiting coroutine)
             outcome = functools.partial(future.set_exception, error)
         with contextlib.suppress(RuntimeError):  # the loop closed while the plugin hung
             loop.call_soon_threadsafe(settle, outcome)

@@ -47,11 +47,13 @@ async def netprof_notify(notification: Notification) -> None:
     if _url is None:
         raise RuntimeError("alertmanager is not configured")
     payload = [postable_alert(alert, notification) for alert in notification.alerts]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_timeout)) as session:
-        async with session.post(_url, json=payload) as response:
-            if response.status // 100 != 2:
-                text = (await response.text())[:200]
-                raise RuntimeError(f"Alertmanager answered {response.status} at {_redacted(_url)}: {text}")
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_timeout)) as session,
+        session.post(_url, json=payload) as response,
+    ):
+        if response.status // 100 != 2:
+            text = (await response.text())[:200]
+            raise RuntimeError(f"Alertmanager answered {response.status} at {_redacted(_url)}: {text}")
 
 
 def _redacted(url: str) -> str:

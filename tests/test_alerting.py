@@ -253,16 +253,18 @@ def test_an_undelivered_notification_is_delivered_after_a_restart_once(shop: Sho
 
         wait_for(tried_twice, what="two failed attempts")
         (pending,) = daemon.get(f"{NP}/alerts").json()["undelivered"]
-    with HttpReceiver(port) as receiver:
-        with netprofd(shop.tmp, shop.segment_dir, daemon=settings, extra=extra, port=daemon_port) as daemon:
-            wait_for(lambda: receiver.received(), what="the delivery after the restart")
-            time.sleep(1.5)  # a second copy would have come by now
-            firing = [p for p in receiver.received() if p["title"].startswith("[FIRING")]
-            assert len(firing) == 1
-            assert daemon.get(f"{NP}/alerts").json()["undelivered"] == [] or all(
-                p["notification_id"] != pending["notification_id"]
-                for p in daemon.get(f"{NP}/alerts").json()["undelivered"]
-            )
+    with (
+        HttpReceiver(port) as receiver,
+        netprofd(shop.tmp, shop.segment_dir, daemon=settings, extra=extra, port=daemon_port) as daemon,
+    ):
+        wait_for(lambda: receiver.received(), what="the delivery after the restart")
+        time.sleep(1.5)  # a second copy would have come by now
+        firing = [p for p in receiver.received() if p["title"].startswith("[FIRING")]
+        assert len(firing) == 1
+        assert daemon.get(f"{NP}/alerts").json()["undelivered"] == [] or all(
+            p["notification_id"] != pending["notification_id"]
+            for p in daemon.get(f"{NP}/alerts").json()["undelivered"]
+        )
 
 
 def test_a_disable_rule_stops_recording_until_enable(shop: Shop) -> None:

@@ -15,7 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def netprof(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "netprof_core", *args], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-m", "netprof_core", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
 
 
@@ -106,6 +111,7 @@ def test_readme_first_command_shows_the_table() -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "2 worker processes recorded 4000 requests" in result.stdout

@@ -473,7 +473,7 @@ def raised(make: Callable[[], BaseException], cause: BaseException | None = None
         if cause is None:
             raise make()
         raise make() from cause
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001  (the exception just raised, whatever its class)
         return exc
 
 

@@ -180,7 +180,7 @@ def check_snapshot(
         check(i > last, f"record indexes not increasing: {last} then {i}")
         last = i
         check(requests - ring <= i < requests, f"record {i} outside [{requests - ring}, {requests})")
-        route, duration, status, error_kind, ttfb, bytes_out = table[i % PERIOD]
+        route, duration, status, error_kind, ttfb, _bytes_out = table[i % PERIOD]
         fields = (record.bytes_in, record.route_id, record.duration_ns, record.status, record.error_kind, record.ttfb_ns)
         check(fields == (i, route + 1, duration, status, error_kind, ttfb), f"record {i} torn: {record}")
         check(record.bytes_out == record.duration_ns * 3 + record.route_id, f"record {i} torn: {record}")
@@ -232,7 +232,7 @@ def reader_main(
                     report["final_requests"] = snap.counters.requests
                     report["final_records"] = len(snap.records)
                     break
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (any crash is reported to the parent as a violation)
         report["violation"] = "reader crashed: " + traceback.format_exc()
         failed.set()
     report["sources"] = dict(report["sources"])

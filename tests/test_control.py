@@ -263,7 +263,7 @@ def test_sample_rate_records_that_fraction(
     assert c.requests / calls == pytest.approx(rate, abs=0.02)
     if rate == 1.0:
         assert c.sampled_out == 0
-    route = [r for r in rec.snapshot(records=False).routes if r.key.template == "/sampled"][0]
+    route = next(r for r in rec.snapshot(records=False).routes if r.key.template == "/sampled")
     assert route.count == c.requests
 
 
@@ -323,7 +323,7 @@ def test_retention_hides_old_records_but_counters_keep_them(
     snap = rec.snapshot()
     assert [r.status for r in snap.records] == [201, 201, 201]
     assert snap.counters.requests == 8
-    route = [r for r in snap.routes if r.key.template == "/r"][0]
+    route = next(r for r in snap.routes if r.key.template == "/r")
     assert route.count == 8 and route.histogram.count == 8
 
     control_of(rec).set_retention(0)
@@ -431,7 +431,7 @@ def test_cleanup_drops_records_but_keeps_counters_and_histograms(
     assert after.control.clean_floor == 30
     assert after.counters.requests == 30
     assert after.routes == before.routes
-    route = [r for r in after.routes if r.key.template == "/c"][0]
+    route = next(r for r in after.routes if r.key.template == "/c")
     assert route.count == 30 and route.histogram.count == 30 and route.sum_ns == 30 * 5000
 
     record_n(rec, rid, 4, end=T0 + SECOND)
@@ -477,7 +477,7 @@ def test_log_slow_requests_on_and_off_at_run_time(
     slow_request()
     slow_request()
     assert len(slow_lines(caplog)) == 1
-    slow_stats = [r for r in rec.snapshot(records=False).routes if r.key.template == "/slow"][0]
+    slow_stats = next(r for r in rec.snapshot(records=False).routes if r.key.template == "/slow")
     assert slow_stats.slow == 4
 
 

@@ -148,7 +148,7 @@ def test_threads_on_one_recorder_count_exactly(make_recorder: Any, fast_switchin
             barrier.wait()
             for args in itertools.islice(itertools.cycle(mine), PER_THREAD):
                 record(*args)
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001  # pragma: no cover - reported below
             failures.append(exc)
 
     threads = [threading.Thread(target=run, args=(mine,)) for mine in calls]
@@ -326,7 +326,7 @@ def _forked_child(rec: Recorder, child: int, route_ids: list[int], results: Any)
             }
         )
         rec.close()
-    except BaseException as exc:  # pragma: no cover - reported by the parent
+    except BaseException as exc:  # noqa: BLE001  # pragma: no cover - reported by the parent
         results.put({"child": child, "error": repr(exc)})
 
 

@@ -28,31 +28,31 @@ ALERTS = ("NetworkProfilingHighMemory", "NetworkProfilingAutoDisabled", "Network
 
 # The deployment guide's four configurations, as values (the files are its JSON verbatim).
 GUIDE_PHASES = {
-    "phase1-development.json": dict(
-        debug=True, enabled=True, feature_flag_enabled=True, slow_request_threshold=1.0,
-        max_stored_requests=2000, log_slow_requests=True, enable_alerts=False,
-        graceful_degradation=True, performance_monitoring=True,
-    ),
-    "phase2-staging.json": dict(
-        debug=False, enabled=True, feature_flag_enabled=True, slow_request_threshold=2.0,
-        max_stored_requests=1000, log_slow_requests=True, enable_alerts=True,
-        alert_slow_request_threshold=15.0, alert_error_rate_threshold=10.0,
-        graceful_degradation=True, performance_monitoring=True, max_memory_mb=50.0,
-    ),
-    "phase3-canary.json": dict(
-        enabled=False, feature_flag_enabled=True, slow_request_threshold=3.0,
-        max_stored_requests=500, log_slow_requests=False, enable_alerts=True,
-        alert_slow_request_threshold=20.0, alert_error_rate_threshold=15.0,
-        graceful_degradation=True, performance_monitoring=True, max_memory_mb=25.0,
-        auto_disable_on_error=True,
-    ),
-    "phase4-production.json": dict(
-        enabled=True, feature_flag_enabled=True, slow_request_threshold=2.0,
-        max_stored_requests=1000, log_slow_requests=True, enable_alerts=True,
-        alert_slow_request_threshold=15.0, alert_error_rate_threshold=10.0,
-        graceful_degradation=True, performance_monitoring=True, max_memory_mb=50.0,
-        auto_disable_on_error=True,
-    ),
+    "phase1-development.json": {
+        "debug": True, "enabled": True, "feature_flag_enabled": True, "slow_request_threshold": 1.0,
+        "max_stored_requests": 2000, "log_slow_requests": True, "enable_alerts": False,
+        "graceful_degradation": True, "performance_monitoring": True,
+    },
+    "phase2-staging.json": {
+        "debug": False, "enabled": True, "feature_flag_enabled": True, "slow_request_threshold": 2.0,
+        "max_stored_requests": 1000, "log_slow_requests": True, "enable_alerts": True,
+        "alert_slow_request_threshold": 15.0, "alert_error_rate_threshold": 10.0,
+        "graceful_degradation": True, "performance_monitoring": True, "max_memory_mb": 50.0,
+    },
+    "phase3-canary.json": {
+        "enabled": False, "feature_flag_enabled": True, "slow_request_threshold": 3.0,
+        "max_stored_requests": 500, "log_slow_requests": False, "enable_alerts": True,
+        "alert_slow_request_threshold": 20.0, "alert_error_rate_threshold": 15.0,
+        "graceful_degradation": True, "performance_monitoring": True, "max_memory_mb": 25.0,
+        "auto_disable_on_error": True,
+    },
+    "phase4-production.json": {
+        "enabled": True, "feature_flag_enabled": True, "slow_request_threshold": 2.0,
+        "max_stored_requests": 1000, "log_slow_requests": True, "enable_alerts": True,
+        "alert_slow_request_threshold": 15.0, "alert_error_rate_threshold": 10.0,
+        "graceful_degradation": True, "performance_monitoring": True, "max_memory_mb": 50.0,
+        "auto_disable_on_error": True,
+    },
 }
 
 

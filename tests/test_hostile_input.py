@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from netprof_core import ConfigError, Direction, ProfilingConfig, Recorder, SegmentError, read_segment, read_segments
+from netprof_core import (
+    ConfigError,
+    Direction,
+    ProfilingConfig,
+    Recorder,
+    SegmentError,
+    read_segment,
+    read_segments,
+)
 from netprof_core import _layout as L
 
 T0 = 10**12
@@ -33,11 +41,10 @@ def test_values_that_cannot_be_shown_are_still_just_counted(make_recorder, route
 
 def test_bad_values_set_inside_measure_do_not_replace_the_applications_exception(make_recorder) -> None:
     rec = make_recorder()
-    with pytest.raises(KeyError, match="the app's own"):
-        with rec.measure("payments.internal", "POST") as call:
-            call.error_kind = None  # type: ignore[assignment]
-            call.status = "timeout"  # type: ignore[assignment]
-            raise KeyError("the app's own")
+    with pytest.raises(KeyError, match="the app's own"), rec.measure("payments.internal", "POST") as call:
+        call.error_kind = None  # type: ignore[assignment]
+        call.status = "timeout"  # type: ignore[assignment]
+        raise KeyError("the app's own")
     assert rec.snapshot().counters.internal_errors == 1
 
 
@@ -51,7 +58,7 @@ def test_close_while_other_threads_record(make_recorder) -> None:
         try:
             for _ in range(20_000):
                 record(route, 200, T0, T0 + 5)
-        except BaseException as exc:  # pragma: no cover - the failure being tested for
+        except BaseException as exc:  # noqa: BLE001  # pragma: no cover - the failure being tested for
             failures.append(exc)
 
     threads = [threading.Thread(target=hammer) for _ in range(3)]

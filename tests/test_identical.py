@@ -350,8 +350,8 @@ def normalised_python_segment(c_bytes: bytes, py_bytes: bytes, layout: L.Segment
 def assert_same_segment(c_rec: Recorder, py_rec: Recorder) -> None:
     assert c_rec.layout == py_rec.layout
     assert c_rec.path is not None and py_rec.path is not None and c_rec.path != py_rec.path
-    c_bytes = bytes(open(c_rec.path, "rb").read())
-    py_bytes = bytes(open(py_rec.path, "rb").read())
+    c_bytes = c_rec.path.read_bytes()
+    py_bytes = py_rec.path.read_bytes()
     assert len(c_bytes) == len(py_bytes) == c_rec.layout.total_size
     py_bytes = normalised_python_segment(c_bytes, py_bytes, c_rec.layout)
     c_bytes, py_bytes = (canonical_tokens(data, c_rec.layout) for data in (c_bytes, py_bytes))
@@ -405,10 +405,18 @@ def make_pair(tmp_path: Path, **keys: Any) -> tuple[Recorder, Recorder]:
 
 
 CASES = {
-    "sampled": dict(sample_rate=0.5, max_routes=8, max_stored_requests=300, seed=1, count=150_000),
-    "unsampled": dict(sample_rate=1.0, max_routes=8, max_stored_requests=300, seed=2, count=150_000),
-    "low-rate": dict(sample_rate=0.013, max_routes=8, max_stored_requests=100, seed=3, count=100_000),
-    "default-sizes": dict(sample_rate=1.0, max_routes=24, max_stored_requests=1000, seed=4, count=100_000),
+    "sampled": {
+        "sample_rate": 0.5, "max_routes": 8, "max_stored_requests": 300, "seed": 1, "count": 150_000,
+    },
+    "unsampled": {
+        "sample_rate": 1.0, "max_routes": 8, "max_stored_requests": 300, "seed": 2, "count": 150_000,
+    },
+    "low-rate": {
+        "sample_rate": 0.013, "max_routes": 8, "max_stored_requests": 100, "seed": 3, "count": 100_000,
+    },
+    "default-sizes": {
+        "sample_rate": 1.0, "max_routes": 24, "max_stored_requests": 1000, "seed": 4, "count": 100_000,
+    },
 }
 
 
@@ -467,8 +475,8 @@ def test_cores_write_identical_segments(tmp_path: Path, case: str) -> None:
         # Closing marks both closed; the rest stays identical.
         for rec in (c_rec, py_rec):
             rec.close()
-        c_bytes = open(c_rec.path, "rb").read()  # type: ignore[arg-type]
-        py_bytes = open(py_rec.path, "rb").read()  # type: ignore[arg-type]
+        c_bytes = c_rec.path.read_bytes()  # type: ignore[union-attr]
+        py_bytes = py_rec.path.read_bytes()  # type: ignore[union-attr]
         assert struct.unpack_from("<Q", c_bytes, L.CLOSED_NS_OFFSET)[0] > 0
         assert struct.unpack_from("<Q", py_bytes, L.CLOSED_NS_OFFSET)[0] > 0
         # closed_ns is the wall clock at close: the one other field allowed to differ.
@@ -532,7 +540,7 @@ def test_cores_identical_with_snapshots_and_publishes_interleaved(tmp_path: Path
         for rec in (c_rec, py_rec):
             rec.control.request_publish()
             rec.record(1, 200, 0, 1)
-            data = open(rec.path, "rb").read()  # type: ignore[arg-type]
+            data = rec.path.read_bytes()  # type: ignore[union-attr]
             live = data[rec.layout.live_offset + L.WORD : rec.layout.published_offset]
             published = data[rec.layout.published_offset + L.WORD : rec.layout.ring_offset]
             ack = L.G_PUBLISH_ACK * L.WORD - L.WORD
@@ -553,8 +561,8 @@ def test_cores_identical_but_for_measured_overhead(tmp_path: Path) -> None:
         ops = build_operations(seed=21, count=30_000)
         for rec in (c_rec, py_rec):
             apply(rec, intern_routes(rec), ops)
-        c_bytes = bytearray(open(c_rec.path, "rb").read())  # type: ignore[arg-type]
-        py_bytes = bytearray(open(py_rec.path, "rb").read())  # type: ignore[arg-type]
+        c_bytes = bytearray(c_rec.path.read_bytes())  # type: ignore[union-attr]
+        py_bytes = bytearray(py_rec.path.read_bytes())  # type: ignore[union-attr]
         layout = c_rec.layout
         for area in (layout.live_offset, layout.published_offset):
             c_words = memoryview(c_bytes)[area : area + layout.stats_size].cast("Q")

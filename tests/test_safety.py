@@ -57,7 +57,7 @@ JUNK = [
     math.nan,
     math.inf,
     -math.inf,
-    Decimal("200"),
+    Decimal(200),
     Decimal("NaN"),
     Fraction(1, 2),
     1 + 2j,
@@ -476,10 +476,9 @@ def test_measure_records_the_block(make_recorder: MakeRecorder) -> None:
 def test_measure_records_an_escaping_exception_and_reraises_it_unchanged(make_recorder: MakeRecorder) -> None:
     rec = make_recorder()
     exc = KeyError("missing")
-    with pytest.raises(KeyError) as info:
-        with rec.measure("/boom", "POST") as m:
-            m.status = 200
-            raise exc
+    with pytest.raises(KeyError) as info, rec.measure("/boom", "POST") as m:
+        m.status = 200
+        raise exc
     assert info.value is exc
     assert info.value.args == ("missing",)
 
@@ -492,10 +491,9 @@ def test_measure_records_an_escaping_exception_and_reraises_it_unchanged(make_re
 
 def test_measure_keeps_an_error_kind_set_in_the_block(make_recorder: MakeRecorder) -> None:
     rec = make_recorder()
-    with pytest.raises(TimeoutError):
-        with rec.measure("/upstream", "GET", Direction.OUTBOUND) as m:
-            m.error_kind = ErrorKind.TIMEOUT
-            raise TimeoutError
+    with pytest.raises(TimeoutError), rec.measure("/upstream", "GET", Direction.OUTBOUND) as m:
+        m.error_kind = ErrorKind.TIMEOUT
+        raise TimeoutError
     (record,) = rec.snapshot().records
     assert record.error_kind == ErrorKind.TIMEOUT
     assert record.route.direction == Direction.OUTBOUND

@@ -105,13 +105,15 @@ def shop_running(tmp_path: Path) -> Iterator[Shop]:
     port = free_port()
     env = server_env("cython" if IMPLEMENTATION == "cython" else "python", config=config)
     argv = uvicorn_argv("netprof_core.demo.app:app", port)
-    with running(argv, env=env, port=port, log_path=tmp_path / "app.log") as server:
-        with netprofd(tmp_path, segment_dir) as daemon:
-            shop = Shop(server, daemon, segment_dir)
-            shop.traffic(items=5)
-            shop.wait_for_requests(5)
-            yield shop
-            shop.http.close()
+    with (
+        running(argv, env=env, port=port, log_path=tmp_path / "app.log") as server,
+        netprofd(tmp_path, segment_dir) as daemon,
+    ):
+        shop = Shop(server, daemon, segment_dir)
+        shop.traffic(items=5)
+        shop.wait_for_requests(5)
+        yield shop
+        shop.http.close()
 
 
 @pytest.fixture

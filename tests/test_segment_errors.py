@@ -71,7 +71,7 @@ def segment_error(path: Path) -> SegmentError:
         assert exc.path == str(path)
         assert str(exc) == f"{path}: {exc.reason}"
         return exc
-    except BaseException as exc:  # pragma: no cover - the failure being tested for
+    except BaseException as exc:  # noqa: BLE001  # pragma: no cover - the failure being tested for
         pytest.fail(f"read_segment({path}) raised {type(exc).__name__}: {exc}, not SegmentError")
     pytest.fail(f"read_segment({path}) accepted a bad file")
 

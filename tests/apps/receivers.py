@@ -11,11 +11,14 @@ from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.controller import Controller
 
 from .servers import free_port
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class HttpReceiver:
@@ -54,7 +57,7 @@ class HttpReceiver:
         with self._lock:
             return list(self.posts)
 
-    def __enter__(self) -> HttpReceiver:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
