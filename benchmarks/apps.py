@@ -6,7 +6,9 @@ factories below. The end-to-end benchmark (test_end_to_end.py) has uvicorn
 import this module by path and call ``starlette_app`` or ``netprof_starlette_app``
 (``uvicorn --factory --app-dir benchmarks apps:netprof_starlette_app``); the
 wrapped one records into ``$NETPROF_BENCH_SEGMENT_DIR`` with the core named by
-``$NETPROF_BENCH_IMPLEMENTATION`` (the default when unset). Beside it run two
+``$NETPROF_BENCH_IMPLEMENTATION`` (the default when unset); it also runs
+recording one request in four (``netprof_sampled_starlette_app``) and with
+recording switched off (``netprof_off_starlette_app``). Beside it run two
 controls, the least ASGI middleware (``passthrough_starlette_app``) and the
 least timing middleware written in Python (``send_wrapper_starlette_app``), and
 OpenTelemetry's middleware (``opentelemetry_starlette_app``).
@@ -62,13 +64,27 @@ def starlette_app() -> Starlette:
     return Starlette(routes=[Route(TEMPLATE, _item), Route(SERVED_PATH, _served_count)])
 
 
-def netprof_starlette_app() -> Any:
+def netprof_starlette_app(**config_keys: Any) -> Any:
     from netprof_core import ProfilingConfig, Recorder
     from netprof_core.asgi import NetProfMiddleware
 
-    config = ProfilingConfig(segment_dir=os.environ["NETPROF_BENCH_SEGMENT_DIR"], app_name="bench-e2e")
+    config = ProfilingConfig(
+        segment_dir=os.environ["NETPROF_BENCH_SEGMENT_DIR"], app_name="bench-e2e", **config_keys
+    )
     recorder = Recorder(config, implementation=os.environ.get("NETPROF_BENCH_IMPLEMENTATION") or None)
     return NetProfMiddleware(starlette_app(), recorder=recorder)
+
+
+def netprof_sampled_starlette_app() -> Any:
+    """The middleware recording one request in four (``sample_rate = 0.25``,
+    the rollout's first step): the others are left alone as they start."""
+    return netprof_starlette_app(sample_rate=0.25)
+
+
+def netprof_off_starlette_app() -> Any:
+    """The middleware with recording switched off (``enabled = false``, as the
+    API's disable or an auto-disable leaves it): every request left alone."""
+    return netprof_starlette_app(enabled=False)
 
 
 # -- the controls and the competitor of the end-to-end benchmarks ----------------

@@ -58,6 +58,8 @@ VARIANTS = {  # name: (factory in apps.py, recorder core)
     "bare": ("starlette_app", ""),
     "netprof[cython]": ("netprof_starlette_app", "cython"),
     "netprof[python]": ("netprof_starlette_app", "python"),
+    "netprof[cython], 25 % sampled": ("netprof_sampled_starlette_app", "cython"),
+    "netprof[cython], switched off": ("netprof_off_starlette_app", "cython"),
     "pass-through middleware": ("passthrough_starlette_app", ""),
     "timing middleware": ("send_wrapper_starlette_app", ""),
 }
@@ -175,7 +177,7 @@ def main(requests: int, connections: int) -> None:
     bare = per_request("bare", requests, connections)
     print(f"bare: {bare} instructions/request")
     for variant in list(VARIANTS)[1:]:
-        if variant == "netprof[cython]" and NO_EXTENSIONS:
+        if VARIANTS[variant][1] == "cython" and NO_EXTENSIONS:
             continue
         count = per_request(variant, requests, connections)
         print(f"{variant}: {count} instructions/request, {count - bare:+} ({(count - bare) / bare:+.2%})")

@@ -30,7 +30,8 @@ cdef class AsgiRequests:
     cdef object excluded
     cdef object route_key
     cdef dict route_ids
-    cdef object record
+    cdef object admit
+    cdef object record_admitted
     cdef RecorderCore core
     cdef readonly object awaiting
     cdef readonly object served
@@ -42,7 +43,7 @@ cdef class AsgiRequests:
 
 cdef AsgiRequests requests_of(middleware)
 @cython.locals(exchange=Exchange)
-cdef Exchange new_exchange(scope, dict fields, send)
+cdef Exchange new_exchange(scope, dict fields, send, int admitted)
 @cython.locals(receiver=Receiver)
 cdef Receiver new_receiver(Exchange exchange, receive, awaiting)
 cpdef received(Exchange exchange, message, exc, _)
@@ -64,6 +65,7 @@ cdef class Exchange:
     cdef public int64_t end
     cdef bint trailers
     cdef public int error_kind
+    cdef int admitted
 
     cdef note(self, dict message)
     cdef failed(self, exc)

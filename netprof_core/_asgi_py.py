@@ -12,7 +12,9 @@ coroutine to every request's await chain. The ``send`` the application gets is
 an :class:`Exchange`, whose ``__call__`` notes the message and returns the
 server's own awaitable, so the application awaits the server directly (an
 ``async def`` wrapper around ``send`` cost a server as much again as the rest
-of the middleware); ``receive`` is wrapped by ``awaiting`` too.
+of the middleware); ``receive`` is wrapped by ``awaiting`` too. And a request
+the recorder will not record (recording off, or sampled out: its ``admit()``
+says 0 as the request starts) is not wrapped at all.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class AsgiRequests:
         self.excluded = hook.excluded
         self.route_key = hook.route_key
         self.route_ids = hook.route_ids
-        self.record = hook.record
+        self.admit = hook.recorder.admit
+        self.record_admitted = hook.recorder.record_admitted
         self.core = cython_core(hook.recorder)
         self.awaiting = awaiting_for(hook.recorder)
         self.served = self.request_served  # bound once, not per request
@@ -124,13 +127,13 @@ class AsgiRequests:
         ttfb = exchange.first_byte - exchange.start if exchange.first_byte else 0
         if self.core is not None:
             # Compiled beside the Cython core: a C call, no number boxed.
-            self.core.record_ints(
-                route, exchange.status, exchange.start, exchange.end, exchange.bytes_in, exchange.bytes_out,
+            self.core.record_admitted_ints(
+                exchange.admitted, route, exchange.status, exchange.start, exchange.end, exchange.bytes_in, exchange.bytes_out,
                 exchange.error_kind, ttfb,
             )  # fmt: skip
         else:
-            self.record(
-                route, exchange.status, exchange.start, exchange.end, exchange.bytes_in, exchange.bytes_out,
+            self.record_admitted(
+                exchange.admitted, route, exchange.status, exchange.start, exchange.end, exchange.bytes_in, exchange.bytes_out,
                 exchange.error_kind, ttfb,
             )  # fmt: skip
 
@@ -146,7 +149,10 @@ def serve(middleware: Any, scope: Scope, receive: Receive, send: Send) -> Awaita
     requests = requests_of(middleware)
     if scope["type"] != "http" or (requests.excluded is not None and requests.excluded(scope["path"])):
         return requests.app(scope, receive, send)  # type: ignore[no-any-return]
-    exchange = new_exchange(scope, scope if type(scope) is dict else dict(scope), send)
+    admitted = requests.core.admit() if requests.core is not None else requests.admit()
+    if not admitted:  # recording is off, or this request is sampled out: left alone
+        return requests.app(scope, receive, send)  # type: ignore[no-any-return]
+    exchange = new_exchange(scope, scope if type(scope) is dict else dict(scope), send, admitted)
     try:
         application = requests.app(scope, new_receiver(exchange, receive, requests.awaiting), exchange)
     except BaseException as exc:  # an application that fails before it is awaited
@@ -161,7 +167,7 @@ serve._is_coroutine = _ASYNCIO_MARK  # type: ignore[attr-defined]
 serve._is_coroutine_marker = _INSPECT_MARK  # type: ignore[attr-defined]
 
 
-def new_exchange(scope: Scope, fields: dict[str, Any], send: Send) -> Exchange:
+def new_exchange(scope: Scope, fields: dict[str, Any], send: Send, admitted: int) -> Exchange:
     """A request starts. (``__new__`` and the fields set here, not ``__init__``:
     compiled, that takes an object from a free list, without parsing arguments.)"""
     exchange = Exchange.__new__(Exchange)
@@ -176,6 +182,7 @@ def new_exchange(scope: Scope, fields: dict[str, Any], send: Send) -> Exchange:
     exchange.end = 0
     exchange.trailers = False
     exchange.error_kind = _NONE
+    exchange.admitted = admitted
     return exchange
 
 
@@ -199,6 +206,7 @@ class Exchange:
     end: int  # monotonic ns of the last body (or trailers) message, 0 before
     trailers: bool  # the response ends with trailers (HTTP trailers extension)
     error_kind: int
+    admitted: int  # the recorder's admit() token
     _is_coroutine = _ASYNCIO_MARK
     _is_coroutine_marker = _INSPECT_MARK
 

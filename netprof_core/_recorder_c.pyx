@@ -174,8 +174,26 @@ cdef class RecorderCore:
         if self._w == NULL:
             return
         cdef int admitted = _admit(self)
-        if not admitted:
-            return
+        if admitted:
+            self._record_objects(admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind,
+                                 ttfb_ns)
+
+    cpdef int admit(self):
+        """Whether to record the request that starts now: 0 when not (recording
+        is off, or the request is sampled out; counted as such), else a token
+        for ``record_admitted`` when it ends. A hook that asks first leaves a
+        request it will not record alone, at the cost of this call."""
+        return _admit(self) if self._w != NULL else 0
+
+    def record_admitted(self, int admitted, route_id, status, start_ns, end_ns, bytes_in=0, bytes_out=0,
+                        error_kind=0, ttfb_ns=0):
+        """``record`` for a request that ``admit`` let in when it started."""
+        if self._w != NULL and admitted:
+            self._record_objects(admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind,
+                                 ttfb_ns)
+
+    cdef _record_objects(self, int admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out,
+                         error_kind, ttfb_ns):
         cdef int64_t t0 = np_monotonic_ns() if admitted == ADMIT_TIMED else 0
         cdef uint64_t rid, st, bi, bo, ek, tt
         cdef int64_t s, e
@@ -208,7 +226,15 @@ cdef class RecorderCore:
         if self._w == NULL:
             return
         cdef int admitted = _admit(self)
-        if not admitted:
+        if admitted:
+            self.record_admitted_ints(admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out,
+                                      error_kind, ttfb_ns)
+
+    cpdef record_admitted_ints(self, int admitted, Py_ssize_t route_id, Py_ssize_t status, int64_t start_ns,
+                               int64_t end_ns, int64_t bytes_in, int64_t bytes_out, Py_ssize_t error_kind,
+                               int64_t ttfb_ns):
+        """``record_admitted`` with C integers, for the compiled hooks."""
+        if self._w == NULL or not admitted:
             return
         cdef int64_t t0 = np_monotonic_ns() if admitted == ADMIT_TIMED else 0
         if not (route_id >= 0 and status >= 0 and bytes_in >= 0 and bytes_out >= 0 and error_kind >= 0

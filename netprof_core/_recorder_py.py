@@ -21,6 +21,10 @@ from typing import Any
 from . import _layout as L
 
 MASK64 = (1 << 64) - 1
+# What admit() returns for a request to record: ADMIT_TIMED when its update
+# is also to be timed, for the profiler's own overhead histogram.
+ADMIT_RECORD = 1
+ADMIT_TIMED = 2
 
 SlowCallback = Callable[[int, int, int, int], None]
 
@@ -104,15 +108,74 @@ class RecorderCore:
         ttfb_ns: int = 0,
     ) -> None:
         with self._lock:
-            slow = self._record(route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
+            admitted = self._admit()
+            slow = admitted and self._record(
+                admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns
+            )
         if slow and self._on_slow is not None:
             self._log_slow(route_id, end_ns - start_ns, status, end_ns)
 
     # The Cython core's entry for compiled hooks, which pass C integers; the same call here.
     record_ints = record
 
+    def admit(self) -> int:
+        """Whether to record the request that starts now: 0 when not (recording
+        is off, or the request is sampled out; counted as such), else a token
+        for :meth:`record_admitted` when it ends. A hook that asks first leaves
+        a request it will not record alone, at the cost of this call."""
+        with self._lock:
+            return self._admit()
+
+    def record_admitted(
+        self,
+        admitted: int,
+        route_id: int,
+        status: int,
+        start_ns: int,
+        end_ns: int,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        error_kind: int = 0,
+        ttfb_ns: int = 0,
+    ) -> None:
+        """:meth:`record` for a request that :meth:`admit` let in when it started."""
+        if not admitted:
+            return
+        with self._lock:
+            slow = self._record(
+                admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns
+            )
+        if slow and self._on_slow is not None:
+            self._log_slow(route_id, end_ns - start_ns, status, end_ns)
+
+    record_admitted_ints = record_admitted
+
+    def _admit(self) -> int:
+        """``admit``, under the lock."""
+        w = self._words
+        if w is None:
+            return 0
+        c = self._ctl
+        if not w[c + L.C_ENABLED] or not w[c + L.C_FEATURE_FLAG] or w[c + L.C_AUTO_DISABLED]:
+            self._count(L.G_DISABLED_CALLS)
+            return 0
+        threshold = w[c + L.C_SAMPLE_THRESHOLD]
+        if threshold < L.SAMPLE_ALL:
+            x = self._rng
+            x ^= x >> 12
+            x ^= (x << 25) & MASK64
+            x ^= x >> 27
+            self._rng = x
+            if ((x * 0x2545F4914F6CDD1D) & MASK64) >> 32 >= threshold:
+                self._count(L.G_SAMPLED_OUT)
+                return 0
+        timed = w[c + L.C_PERF_MONITORING] and not self._calls & L.OVERHEAD_SAMPLE_MASK
+        self._calls += 1
+        return ADMIT_TIMED if timed else ADMIT_RECORD
+
     def _record(
         self,
+        admitted: int,
         route_id: int,
         status: int,
         start_ns: int,
@@ -126,21 +189,7 @@ class RecorderCore:
         if w is None:
             return False
         c = self._ctl
-        if not w[c + L.C_ENABLED] or not w[c + L.C_FEATURE_FLAG] or w[c + L.C_AUTO_DISABLED]:
-            self._count(L.G_DISABLED_CALLS)
-            return False
-        threshold = w[c + L.C_SAMPLE_THRESHOLD]
-        if threshold < L.SAMPLE_ALL:
-            x = self._rng
-            x ^= x >> 12
-            x ^= (x << 25) & MASK64
-            x ^= x >> 27
-            self._rng = x
-            if ((x * 0x2545F4914F6CDD1D) & MASK64) >> 32 >= threshold:
-                self._count(L.G_SAMPLED_OUT)
-                return False
-        timed = w[c + L.C_PERF_MONITORING] and not self._calls & L.OVERHEAD_SAMPLE_MASK
-        self._calls += 1
+        timed = admitted == ADMIT_TIMED
         if timed:
             t0 = time.monotonic_ns()
         if not (

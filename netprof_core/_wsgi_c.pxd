@@ -21,10 +21,11 @@ cdef class WsgiRequests:
     cdef object excluded
     cdef object route_key
     cdef dict route_ids
-    cdef object record
+    cdef object admit
+    cdef object record_admitted
     cdef RecorderCore core
 
-    @cython.locals(request=Request, bytes_out=int64_t)
+    @cython.locals(request=Request, bytes_out=int64_t, admitted=int)
     cpdef serve(self, environ, start_response)
 
     @cython.locals(templates=dict, end=int64_t, bytes_in=int64_t, ttfb=int64_t)
@@ -44,6 +45,7 @@ cdef class Request:
     cdef int64_t bytes_out
     cdef int64_t first_byte
     cdef int error_kind
+    cdef int admitted
 
     @cython.locals(requests=WsgiRequests)
     cdef finish(self, int error_kind)

@@ -5,6 +5,9 @@ This one source runs twice: as it is, and compiled by Cython as ``_wsgi_c``
 (``_wsgi_c.py`` is a link to this file; ``_wsgi_c.pxd`` gives it C types), so
 the two can never drift. Keep it to what Cython compiles from plain Python:
 no ``cython`` import (annotations are for type checkers only).
+
+A request the recorder will not record (recording off, or sampled out: its
+``admit()`` says 0 as the request starts) goes to the application untouched.
 """
 
 from __future__ import annotations
@@ -43,14 +46,20 @@ class WsgiRequests:
         self.excluded = hook.excluded
         self.route_key = hook.route_key
         self.route_ids = hook.route_ids
-        self.record = hook.record
+        self.admit = hook.recorder.admit
+        self.record_admitted = hook.recorder.record_admitted
         self.core = cython_core(hook.recorder)
 
     def serve(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self.excluded is not None and self.excluded(environ.get("PATH_INFO", "")):
             return self.app(environ, start_response)  # type: ignore[no-any-return]
+        # Set either way: a framework adapter beneath must not record it instead.
         environ[RECORDING_ENVIRON_KEY] = True
+        admitted = self.core.admit() if self.core is not None else self.admit()
+        if not admitted:  # recording is off, or this request is sampled out: left alone
+            return self.app(environ, start_response)  # type: ignore[no-any-return]
         request = Request(self, environ, start_response)
+        request.admitted = admitted
         try:
             body = self.app(environ, request.start_response)
         except BaseException:
@@ -96,11 +105,15 @@ class WsgiRequests:
             return
         ttfb = request.first_byte - request.start if request.first_byte else 0
         if self.core is not None:  # compiled beside the Cython core: a C call, no number boxed
-            self.core.record_ints(
-                route, status, request.start, end, bytes_in, request.bytes_out, error_kind, ttfb
-            )
+            self.core.record_admitted_ints(
+                request.admitted, route, status, request.start, end, bytes_in, request.bytes_out, error_kind,
+                ttfb,
+            )  # fmt: skip
         else:
-            self.record(route, status, request.start, end, bytes_in, request.bytes_out, error_kind, ttfb)
+            self.record_admitted(
+                request.admitted, route, status, request.start, end, bytes_in, request.bytes_out, error_kind,
+                ttfb,
+            )  # fmt: skip
 
 
 def _is_file_wrapper(body: object, environ: Environ) -> bool:
@@ -123,6 +136,7 @@ class Request:
         self.bytes_out = 0
         self.first_byte = 0
         self.error_kind = _NONE
+        self.admitted = 0  # the recorder's admit() token, set by serve
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         self.status = status

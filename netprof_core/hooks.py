@@ -1,6 +1,10 @@
 """What every framework hook shares: the process's default recorder, and the
 rules that turn a request into a route. Each hook ends in one call to
-``Recorder.record``."""
+``Recorder.record``; the ASGI and WSGI middleware split it in two,
+``Recorder.admit`` as a request starts and ``Recorder.record_admitted`` as it
+ends, so that a request not to be recorded (recording off, or sampled out) is
+left alone. (An outbound hook's work is small beside the network call it
+times; it asks at the end, in ``record``.)"""
 
 from __future__ import annotations
 

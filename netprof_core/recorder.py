@@ -55,9 +55,16 @@ class Recorder:
     those arguments it never raises while ``graceful_degradation`` is on: a bad
     value is counted as an internal error. Each process gets its own segment, a
     forked child too.
+
+    The framework hooks ask first: ``token = admit()`` as a request starts
+    (0 when recording is off or the request is sampled out, counted as such:
+    the hook then leaves the request alone), ``record_admitted(token,
+    route_id, ...)`` as it ends.
     """
 
     record: RecordCall
+    admit: Callable[[], int]
+    record_admitted: RecordAdmittedCall
 
     def __init__(
         self,
@@ -88,6 +95,10 @@ class Recorder:
         self._open_segment(initial_control(self.config, self.layout.ring_capacity), created_ns)
         self._core = self._core_class(self._buf, self.layout, self._seed(), self._log_slow)
         self.record = self._core.record
+        # The hooks' way, in two calls: admit() as a request starts (0: not to
+        # be recorded, so left alone), record_admitted(token, ...) as it ends.
+        self.admit = self._core.admit
+        self.record_admitted = self._core.record_admitted
         _recorders.add(self)
         _install_process_hooks()
 
@@ -258,6 +269,8 @@ class Recorder:
         if self._buf.closed:
             return
         self.record = _record_nothing  # type: ignore[assignment]
+        self.admit = _admit_nothing
+        self.record_admitted = _record_nothing  # type: ignore[assignment]
         self._core.release()
         self._mark_closed()
         self._buf.close()
@@ -339,6 +352,10 @@ def _record_nothing(*args: object, **kwargs: object) -> None:
     return None
 
 
+def _admit_nothing() -> int:
+    return 0
+
+
 def _checked_direction(direction: object) -> L.Direction:
     if isinstance(direction, int) and not isinstance(direction, bool) and direction in (0, 1):
         return L.Direction(direction)
@@ -348,6 +365,21 @@ def _checked_direction(direction: object) -> L.Direction:
 class RecordCall(Protocol):
     def __call__(
         self,
+        route_id: int,
+        status: int,
+        start_ns: int,
+        end_ns: int,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        error_kind: int = 0,
+        ttfb_ns: int = 0,
+    ) -> None: ...
+
+
+class RecordAdmittedCall(Protocol):
+    def __call__(
+        self,
+        admitted: int,
         route_id: int,
         status: int,
         start_ns: int,
