@@ -215,17 +215,25 @@ def _load(variant: Variant, seconds: int) -> None:
     variant.errors += errors
 
 
-def _recorded(segment_dir: str) -> tuple[int, int]:
+def _recorded(segment_dir: str, expected: int, timeout: float = 5.0) -> tuple[int, int]:
     """Requests netprof recorded on the item route; and every request it
-    saw, on any route: recorded, sampled out or found it switched off."""
+    saw, on any route: recorded, sampled out or found it switched off. Read
+    again until that is ``expected`` or ``timeout`` has passed: the GET
+    /served just answered is recorded as its app returns, after its response."""
     from netprof_core import read_segments
 
-    snapshots = read_segments(segment_dir, records=False)
-    recorded = sum(r.count for snapshot in snapshots for r in snapshot.routes if r.key.template == TEMPLATE)
-    accounted = sum(
-        s.counters.requests + s.counters.sampled_out + s.counters.disabled_calls for s in snapshots
-    )
-    return recorded, accounted
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshots = read_segments(segment_dir, records=False)
+        recorded = sum(
+            r.count for snapshot in snapshots for r in snapshot.routes if r.key.template == TEMPLATE
+        )
+        accounted = sum(
+            s.counters.requests + s.counters.sampled_out + s.counters.disabled_calls for s in snapshots
+        )
+        if accounted >= expected or time.monotonic() > deadline:
+            return recorded, accounted
+        time.sleep(0.05)
 
 
 def _served(port: int) -> int:
@@ -268,7 +276,7 @@ def run() -> list[Variant]:
         for variant in variants:
             variant.served = _served(variant.port)
             if variant.implementation:
-                variant.recorded, variant.accounted = _recorded(variant.segment_dir)
+                variant.recorded, variant.accounted = _recorded(variant.segment_dir, variant.served + 1)
     _report(variants)
     counts = ", ".join(f"{v.name} {v.recorded} of {v.served}" for v in variants if v.implementation)
     # (25 % sampled: about a quarter recorded; switched off: none. Each seen once, as the test checks.)

@@ -178,19 +178,20 @@ cdef class RecorderCore:
             self._record_objects(admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind,
                                  ttfb_ns)
 
-    cpdef int admit(self):
+    cpdef int admit(self) noexcept:
         """Whether to record the request that starts now: 0 when not (recording
         is off, or the request is sampled out; counted as such), else a token
         for ``record_admitted`` when it ends. A hook that asks first leaves a
         request it will not record alone, at the cost of this call."""
         return _admit(self) if self._w != NULL else 0
 
-    def record_admitted(self, int admitted, route_id, status, start_ns, end_ns, bytes_in=0, bytes_out=0,
+    def record_admitted(self, admitted, route_id, status, start_ns, end_ns, bytes_in=0, bytes_out=0,
                         error_kind=0, ttfb_ns=0):
-        """``record`` for a request that ``admit`` let in when it started."""
+        """``record`` for a request that ``admit`` let in when it started:
+        ``admitted`` is what it returned (anything false records nothing)."""
         if self._w != NULL and admitted:
-            self._record_objects(admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind,
-                                 ttfb_ns)
+            self._record_objects(ADMIT_TIMED if admitted == ADMIT_TIMED else ADMIT_RECORD, route_id, status,
+                                 start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
 
     cdef _record_objects(self, int admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out,
                          error_kind, ttfb_ns):

@@ -138,7 +138,8 @@ class RecorderCore:
         error_kind: int = 0,
         ttfb_ns: int = 0,
     ) -> None:
-        """:meth:`record` for a request that :meth:`admit` let in when it started."""
+        """:meth:`record` for a request that :meth:`admit` let in when it
+        started: ``admitted`` is what it returned (anything false records nothing)."""
         if not admitted:
             return
         with self._lock:

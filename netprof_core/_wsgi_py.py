@@ -51,10 +51,11 @@ class WsgiRequests:
         self.core = cython_core(hook.recorder)
 
     def serve(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        # Set for every request, recorded or not: a framework adapter beneath
+        # (Django's middleware) must not record it instead.
+        environ[RECORDING_ENVIRON_KEY] = True
         if self.excluded is not None and self.excluded(environ.get("PATH_INFO", "")):
             return self.app(environ, start_response)  # type: ignore[no-any-return]
-        # Set either way: a framework adapter beneath must not record it instead.
-        environ[RECORDING_ENVIRON_KEY] = True
         admitted = self.core.admit() if self.core is not None else self.admit()
         if not admitted:  # recording is off, or this request is sampled out: left alone
             return self.app(environ, start_response)  # type: ignore[no-any-return]

@@ -133,6 +133,64 @@ def test_sampling_half_records_about_half_and_counts_the_rest(make_recorder: Any
     assert 120 <= counters.requests <= 280
 
 
+def test_a_route_seen_only_while_switched_off_takes_no_place_in_the_route_table(make_recorder: Any) -> None:
+    recorder = make_recorder()
+    seen = Seen()
+    app = ASGIMiddleware(asgi_app(seen), recorder=recorder)
+    recorder.control.disable()
+    serve_asgi(app, seen)
+    assert "<unmatched>" not in {route.key.template for route in recorder.snapshot().routes}
+    recorder.control.enable()
+    serve_asgi(app, seen)
+    assert "<unmatched>" in {route.key.template for route in recorder.snapshot().routes}
+
+
+def test_an_exception_from_an_app_left_alone_reaches_the_server_as_it_is(make_recorder: Any) -> None:
+    recorder = make_recorder()
+    recorder.control.disable()
+    failure = RuntimeError("the app's own")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise failure
+
+    with pytest.raises(RuntimeError) as raised:
+        serve_asgi(ASGIMiddleware(app, recorder=recorder), Seen())
+    assert raised.value is failure
+    counters = recorder.snapshot().counters
+    assert (counters.requests, counters.disabled_calls, counters.internal_errors) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_the_profilers_own_cost_is_still_timed_one_request_in_64(make_recorder: Any, kind: str) -> None:
+    """The token admit() hands out carries the decision to time the update
+    (``performance_monitoring``) to the end of the request: requests 0, 64
+    and 128 of 130 are timed, as record() times them."""
+    recorder = make_recorder(performance_monitoring=True)
+    if kind == "asgi":
+        app = ASGIMiddleware(asgi_app(Seen()), recorder=recorder)
+        for _ in range(130):
+            serve_asgi(app, Seen())
+    else:
+        wrapped = WSGIMiddleware(lambda environ, start: (start("200 OK", []), [b"ok"])[1], recorder=recorder)
+        for _ in range(130):
+            wrapped(wsgi_environ(), lambda *args: None)
+    counters = recorder.snapshot().counters
+    assert (counters.requests, counters.overhead_count) == (130, 3)
+
+
+def test_record_admitted_takes_what_admit_returned_and_nothing_else(make_recorder: Any) -> None:
+    recorder = make_recorder(performance_monitoring=False)
+    route = recorder.route_id("/t", "GET")
+    recorder.record_admitted(0, route, 200, 1, 2)  # not admitted: nothing recorded
+    recorder.record_admitted(None, route, 200, 1, 2)
+    token = recorder.admit()
+    assert token
+    recorder.record_admitted(token, route, 200, 1, 2)
+    recorder.record_admitted(True, route, 200, 1, 2)  # any true token records, untimed
+    counters = recorder.snapshot().counters
+    assert (counters.requests, counters.internal_errors, counters.overhead_count) == (2, 0, 0)
+
+
 def wsgi_environ() -> dict[str, Any]:
     return {"REQUEST_METHOD": "GET", "PATH_INFO": "/x", "SERVER_NAME": "t", "SERVER_PORT": "80"}
 
@@ -186,6 +244,55 @@ def test_a_wsgi_request_is_recorded_again_once_recording_is_back(make_recorder: 
     assert (snapshot.counters.requests, snapshot.counters.disabled_calls) == (1, 1)
     (record,) = snapshot.records
     assert (record.status, record.bytes_out) == (200, 4)
+
+
+def test_a_wsgi_request_admitted_as_it_started_is_recorded_when_it_is_closed(make_recorder: Any) -> None:
+    recorder = make_recorder()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        return generator_body()
+
+    wrapped = WSGIMiddleware(app, recorder=recorder)
+    body = wrapped(wsgi_environ(), lambda *args: None)
+    recorder.control.disable()  # while the body is still being sent
+    b"".join(body)
+    body.close()  # type: ignore[attr-defined]
+    counters = recorder.snapshot().counters
+    assert (counters.requests, counters.disabled_calls) == (1, 0)
+
+
+def test_an_exception_from_a_wsgi_app_left_alone_reaches_the_server_as_it_is(make_recorder: Any) -> None:
+    recorder = make_recorder()
+    recorder.control.set_sample_rate(0.0)
+    failure = ValueError("the app's own")
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raise failure
+
+    with pytest.raises(ValueError) as raised:
+        WSGIMiddleware(app, recorder=recorder)(wsgi_environ(), lambda *args: None)
+    assert raised.value is failure
+    counters = recorder.snapshot().counters
+    assert (counters.requests, counters.sampled_out, counters.internal_errors) == (0, 1, 0)
+
+
+def test_an_excluded_wsgi_path_is_not_recorded_by_a_framework_hook_beneath(make_recorder: Any) -> None:
+    """A Django middleware beneath the WSGI one records only what the WSGI one
+    does not see: an excluded path is neither's to record."""
+    recorder = make_recorder()
+    given: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        given.update(environ)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = WSGIMiddleware(app, recorder=recorder, exclude_paths=[r"^/healthz$"])
+    wrapped({**wsgi_environ(), "PATH_INFO": "/healthz"}, lambda *args: None)
+    assert given[RECORDING_ENVIRON_KEY] is True
+    counters = recorder.snapshot().counters
+    assert (counters.requests, counters.disabled_calls, counters.sampled_out) == (0, 0, 0)
 
 
 # -- on real servers: switched from outside, as netprofd switches them ------------
