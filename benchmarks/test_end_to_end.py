@@ -6,7 +6,7 @@ under the same loopback load: what the middleware costs a real server.
     # or, the same without pytest:
     cd /work/main && PYTHONPATH=. python benchmarks/test_end_to_end.py
 
-Skipped unless NETPROF_E2E=1: it takes 4.5 minutes and no CI figure of it means
+Skipped unless NETPROF_E2E=1: it takes about 4 minutes and no CI figure of it means
 anything. It prints figures and never fails on them; it fails when netprof did
 not account, exactly once, for each request the application answered (the app
 counts them; GET /served): recorded, or counted as sampled out or switched

@@ -128,13 +128,13 @@ class AsgiRequests:
         if self.core is not None:
             # Compiled beside the Cython core: a C call, no number boxed.
             self.core.record_admitted_ints(
-                exchange.admitted, route, exchange.status, exchange.start, exchange.end, exchange.bytes_in, exchange.bytes_out,
-                exchange.error_kind, ttfb,
+                exchange.admitted, route, exchange.status, exchange.start, exchange.end, exchange.bytes_in,
+                exchange.bytes_out, exchange.error_kind, ttfb,
             )  # fmt: skip
         else:
             self.record_admitted(
-                exchange.admitted, route, exchange.status, exchange.start, exchange.end, exchange.bytes_in, exchange.bytes_out,
-                exchange.error_kind, ttfb,
+                exchange.admitted, route, exchange.status, exchange.start, exchange.end, exchange.bytes_in,
+                exchange.bytes_out, exchange.error_kind, ttfb,
             )  # fmt: skip
 
 

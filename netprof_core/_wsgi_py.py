@@ -59,8 +59,7 @@ class WsgiRequests:
         admitted = self.core.admit() if self.core is not None else self.admit()
         if not admitted:  # recording is off, or this request is sampled out: left alone
             return self.app(environ, start_response)  # type: ignore[no-any-return]
-        request = Request(self, environ, start_response)
-        request.admitted = admitted
+        request = Request(self, environ, start_response, admitted)
         try:
             body = self.app(environ, request.start_response)
         except BaseException:
@@ -127,7 +126,9 @@ class Request:
     and it stands in for the app's response iterable, counting the bytes and
     recording the request when the server closes it (PEP 3333)."""
 
-    def __init__(self, requests: WsgiRequests, environ: Environ, start_response: StartResponse) -> None:
+    def __init__(
+        self, requests: WsgiRequests, environ: Environ, start_response: StartResponse, admitted: int
+    ) -> None:
         self.requests: WsgiRequests | None = requests
         self.environ = environ
         self._start_response = start_response
@@ -137,7 +138,7 @@ class Request:
         self.bytes_out = 0
         self.first_byte = 0
         self.error_kind = _NONE
-        self.admitted = 0  # the recorder's admit() token, set by serve
+        self.admitted = admitted  # the recorder's admit() token
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         self.status = status

@@ -56,7 +56,7 @@ class Recorder:
     value is counted as an internal error. Each process gets its own segment, a
     forked child too.
 
-    The framework hooks ask first: ``token = admit()`` as a request starts
+    The ASGI and WSGI middleware ask first: ``token = admit()`` as a request starts
     (0 when recording is off or the request is sampled out, counted as such:
     the hook then leaves the request alone), ``record_admitted(token,
     route_id, ...)`` as it ends.

@@ -21,25 +21,13 @@ from netprof_core.hooks import RECORDING_ENVIRON_KEY
 from netprof_core.reader import segment_paths
 from netprof_core.wsgi import NetProfMiddleware as WSGIMiddleware
 from tests.apps.servers import REQUEST_TIMEOUT, serve_and_drive, uvicorn_argv, wsgiref_argv
+from tests.test_hook_edges import http_scope
 
 SWITCHES: dict[str, Callable[[Any], None]] = {
     "disabled": lambda control: control.disable(),
     "feature flag off": lambda control: control.set_feature_flag(False),
     "sampled out": lambda control: control.set_sample_rate(0.0),
 }
-
-
-def asgi_scope(path: str = "/x") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "asgi": {"version": "3.0"},
-    }
 
 
 class Seen:
@@ -70,7 +58,7 @@ def serve_asgi(app: Any, seen: Seen) -> tuple[Any, Any]:
     async def send(message: dict[str, Any]) -> None:
         seen.sent.append(message)
 
-    asyncio.run(app(asgi_scope(), receive, send))
+    asyncio.run(app(http_scope(), receive, send))
     return receive, send
 
 

@@ -134,18 +134,7 @@ def test_routes_under_a_starlette_mount_keep_the_mount_prefix(make_recorder) -> 
             pass
 
         for root, path in [("", "/v1/items/1"), ("", "/v2/items/2"), ("/api", "/api/v1/items/3")]:
-            scope = {
-                "type": "http",
-                "method": "GET",
-                "path": path,
-                "raw_path": path.encode(),
-                "root_path": root,
-                "query_string": b"",
-                "headers": [],
-                "scheme": "http",
-                "server": ("t", 80),
-            }
-            await wrapped(scope, receive, send)
+            await wrapped(http_scope(path, root), receive, send)
 
     asyncio.run(main())
     routes = {r.key.template: r.count for r in recorder.snapshot().routes if r.count}
@@ -160,21 +149,25 @@ async def quiet_send(message: Any) -> None:
     pass
 
 
-def run_asgi(app: Any, send: Any = None, path: str = "/x") -> None:
-    """One GET through ``app``, as a server would call it."""
-    scope = {
+def http_scope(path: str = "/x", root_path: str = "") -> dict[str, Any]:
+    """The scope of one GET of ``path``, as a server would make it."""
+    return {
         "type": "http",
         "method": "GET",
         "path": path,
         "raw_path": path.encode(),
-        "root_path": "",
+        "root_path": root_path,
         "query_string": b"",
         "headers": [],
         "scheme": "http",
         "server": ("t", 80),
         "asgi": {"version": "3.0", "spec_version": "2.4"},
     }
-    asyncio.run(app(scope, empty_receive, send or quiet_send))
+
+
+def run_asgi(app: Any, send: Any = None, path: str = "/x") -> None:
+    """One GET through ``app``, as a server would call it."""
+    asyncio.run(app(http_scope(path), empty_receive, send or quiet_send))
 
 
 def test_servers_see_an_asgi3_application(make_recorder) -> None:

@@ -182,33 +182,36 @@ def _fits_c_integers(args: tuple[Any, ...]) -> bool:
 
 
 def apply(
-    rec: Recorder, ids: list[int], ops: list[tuple[Any, ...]], *, c_integers: bool = False, admitted: bool = False
+    rec: Recorder,
+    ids: list[int],
+    ops: list[tuple[Any, ...]],
+    *,
+    c_integers: bool = False,
+    admitted: bool = False,
 ) -> None:
     """Apply ``ops`` to ``rec``; ``ids`` (from :func:`intern_routes`) grows
     when the late routes are interned. ``c_integers``: each call whose numbers
     a compiled hook could hold goes through ``record_ints``, as the hooks'.
     ``admitted``: each call is ``admit()`` then ``record_admitted()`` (with
     ``c_integers``, ``record_admitted_ints``), as the framework hooks call."""
-    record = rec.record
+    plain, ints = rec.record, rec._core.record_ints  # type: ignore[attr-defined]
     if admitted:
-        admit, record_admitted = rec.admit, rec.record_admitted
-        record_admitted_ints = rec._core.record_admitted_ints  # type: ignore[attr-defined]
+        admit, two_calls = rec.admit, rec.record_admitted
+        two_calls_ints = rec._core.record_admitted_ints  # type: ignore[attr-defined]
 
-        def record(*args: Any, **kwargs: Any) -> None:
-            token = admit()
-            if c_integers and _fits_c_integers((*args, *kwargs.values())):
-                args = (*args, *kwargs.values())
-                record_admitted_ints(token, *args, *(0,) * (8 - len(args)))
-            else:
-                record_admitted(token, *args, **kwargs)
+        def plain(*args: Any, **kwargs: Any) -> None:
+            two_calls(admit(), *args, **kwargs)
 
-    elif c_integers:
-        plain, record_ints = rec.record, rec._core.record_ints  # type: ignore[attr-defined]
+        def ints(*args: int) -> None:
+            two_calls_ints(admit(), *args)
+
+    record = plain
+    if c_integers:
 
         def record(*args: Any, **kwargs: Any) -> None:
             args = (*args, *kwargs.values())
             if _fits_c_integers(args):
-                record_ints(*args, *(0,) * (8 - len(args)))
+                ints(*args, *(0,) * (8 - len(args)))
             else:
                 plain(*args)
 
@@ -529,44 +532,30 @@ def test_record_ints_writes_what_record_writes(tmp_path: Path) -> None:
 
 
 @both_cores
-@pytest.mark.parametrize("c_integers", [False, True], ids=["objects", "c-integers"])
-def test_admit_then_record_admitted_writes_what_record_writes(tmp_path: Path, c_integers: bool) -> None:
-    """The framework hooks' two calls (admit as a request starts, record_admitted
-    as it ends), in the Cython core, against the pure-Python twin's record():
-    the same requests sampled out, disabled and recorded, the same bytes."""
+@pytest.mark.parametrize(
+    ("two_calls_in", "c_integers"),
+    [("cython", False), ("cython", True), ("python", False)],
+    ids=["cython-objects", "cython-c-integers", "python"],
+)
+def test_admit_then_record_admitted_writes_what_record_writes(
+    tmp_path: Path, two_calls_in: str, c_integers: bool
+) -> None:
+    """The middleware's two calls (admit as a request starts, record_admitted
+    as it ends) in one core, against record() in the other: the same requests
+    sampled out, disabled and recorded, the same bytes."""
     c_rec, py_rec = make_pair(
         tmp_path, performance_monitoring=False, log_slow_requests=False, slow_request_threshold=2.0,
         sample_rate=0.5, max_routes=8, max_stored_requests=300,
     )  # fmt: skip
     try:
         ops = build_operations(11, 30_000)
-        ids = {rec: intern_routes(rec) for rec in (c_rec, py_rec)}
-        apply(c_rec, ids[c_rec], ops, c_integers=c_integers, admitted=True)
-        apply(py_rec, ids[py_rec], ops)
+        for rec in (c_rec, py_rec):
+            two_calls = rec.implementation == two_calls_in
+            apply(rec, intern_routes(rec), ops, c_integers=two_calls and c_integers, admitted=two_calls)
         assert_same_segment(c_rec, py_rec)
         assert_same_snapshot(c_rec.snapshot(), py_rec.snapshot())
         counters = c_rec.snapshot().counters
         assert counters.sampled_out > 0 and counters.requests > 0 and counters.internal_errors > 0
-    finally:
-        c_rec.close()
-        py_rec.close()
-
-
-@both_cores
-def test_the_twins_admit_then_record_admitted_writes_what_record_writes(tmp_path: Path) -> None:
-    """The same, the other way round: the pure-Python twin's two calls against
-    the Cython core's record()."""
-    c_rec, py_rec = make_pair(
-        tmp_path, performance_monitoring=False, log_slow_requests=False, slow_request_threshold=2.0,
-        sample_rate=0.5, max_routes=8, max_stored_requests=300,
-    )  # fmt: skip
-    try:
-        ops = build_operations(12, 30_000)
-        ids = {rec: intern_routes(rec) for rec in (c_rec, py_rec)}
-        apply(c_rec, ids[c_rec], ops)
-        apply(py_rec, ids[py_rec], ops, admitted=True)
-        assert_same_segment(c_rec, py_rec)
-        assert_same_snapshot(c_rec.snapshot(), py_rec.snapshot())
     finally:
         c_rec.close()
         py_rec.close()
