@@ -15,23 +15,15 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from rich.cells import cell_len
+
+from ._display import PrintableFormatter, format_duration, printable
 from .config import ConfigError, load_profiling_config
 from .reader import RouteStats, SegmentSnapshot, merge_routes, read_segments
 
 __all__ = ("build_parser", "cmd_stats", "format_duration", "main", "route_table")
 
 QUANTILES = (0.5, 0.95, 0.99)
-
-
-def format_duration(ns: float) -> str:
-    """A duration in ns, in the unit that keeps it short (µs, ms, s)."""
-    if math.isnan(ns):
-        return "-"
-    if ns < 1e6:
-        return f"{ns / 1e3:.1f}µs"
-    if ns < 1e9:
-        return f"{ns / 1e6:.1f}ms"
-    return f"{ns / 1e9:.2f}s"
 
 
 def _percent(part: int, whole: int) -> str:
@@ -53,10 +45,10 @@ def route_table(snapshots: Sequence[SegmentSnapshot]) -> list[list[str]]:
 def _row(app: str, route: RouteStats) -> list[str]:
     hist = route.histogram
     return [
-        app,
+        printable(app),
         "out" if route.key.direction else "in",
-        route.key.method or "-",
-        route.key.template,
+        printable(route.key.method) or "-",
+        printable(route.key.template),
         str(route.count),
         _percent(route.errors, route.count),
         _percent(route.slow, route.count),
@@ -66,13 +58,16 @@ def _row(app: str, route: RouteStats) -> list[str]:
 
 
 def _render(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    # Padded by the cells a terminal gives each name (a CJK character takes
+    # two, a combining accent none), not by len().
+    widths = [max(cell_len(row[i]) for row in rows) for i in range(len(rows[0]))]
     numeric = set(range(4, len(widths)))
     lines = []
     for row in rows:
-        cells = [
-            cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
-        ]
+        cells = []
+        for i, (cell, width) in enumerate(zip(row, widths)):
+            pad = " " * (width - cell_len(cell))
+            cells.append(pad + cell if i in numeric else cell + pad)
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -230,8 +225,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.handler(args))
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    try:
+        return int(args.handler(args))
+    except OSError as exc:  # a segment directory that cannot be listed is not an empty one
+        print(f"netprof: {printable(str(exc))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

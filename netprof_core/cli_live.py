@@ -11,17 +11,21 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ._display import format_duration, printable
+
 __all__ = ("route_rows_from_daemon", "routes_table", "watch", "watch_local")
 
 COLUMNS = ("APP", "DIR", "METHOD", "ROUTE", "COUNT", "RATE/s", "ERRORS", "SLOW", "P50", "P95", "P99", "MAX")
 
 
 def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return (
-        f"{value * 1000:.0f}µs" if value < 1 else f"{value:.1f}ms" if value < 1000 else f"{value / 1000:.2f}s"
-    )
+    return "-" if value is None else format_duration(value * 1e6)
+
+
+def _name(text: str | None) -> Text:
+    """A name from outside as a cell: never markup (a plain str cell is parsed as
+    rich markup), never a control character (rich keeps ESC)."""
+    return Text(printable(text or "") or "-")
 
 
 def route_rows_from_daemon(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -30,21 +34,26 @@ def route_rows_from_daemon(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def routes_table(rows: Iterable[Mapping[str, Any]], title: str = "") -> Table:
-    table = Table(title=title or None, title_justify="left", expand=False, pad_edge=False)
+    table = Table(
+        title=Text(printable(title)) if title else None, title_justify="left", expand=False, pad_edge=False
+    )
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("APP", "DIR", "METHOD", "ROUTE") else "right")
     for row in sorted(rows, key=lambda r: -r["count"]):
         errors = row.get("error_percent", 0.0)
+        # max_exact false: the window's largest is only known to one bucket, and this is its top.
+        bound = "" if row.get("max_exact", True) is not False else "≤"
         table.add_row(
-            row["app"],
+            _name(row["app"]),
             "out" if row["direction"] == "outbound" else "in",
-            row["method"] or "-",
-            row["route"],
+            _name(row["method"]),
+            _name(row["route"]),
             str(row["count"]),
             "-" if row.get("rate_per_second") is None else f"{row['rate_per_second']:.1f}",
             Text(f"{errors:.1f}%", style="bold red" if errors >= 5 else ""),
             f"{row.get('slow_percent', 0.0):.1f}%",
-            *(_ms(row.get(key)) for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms")),
+            *(_ms(row.get(key)) for key in ("p50_ms", "p95_ms", "p99_ms")),
+            bound + _ms(row.get("max_ms")),
         )
     return table
 

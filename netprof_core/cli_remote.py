@@ -18,6 +18,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from ._display import printable
 from .cli_live import route_rows_from_daemon, routes_table, watch
 from .daemon_client import PREFIX, DaemonClient, DaemonError
 
@@ -52,21 +53,28 @@ def stats_from_daemon(args: argparse.Namespace) -> int:
             return watch(render, args.interval, args.count)
         Console(width=None if Console().is_terminal else 140).print(render())
     except DaemonError as exc:
-        print(f"netprof: {exc}", file=sys.stderr)
+        _refused(exc)
         return 2
     return 0
+
+
+def _refused(exc: DaemonError) -> None:
+    print(f"netprof: {printable(str(exc))}", file=sys.stderr)
 
 
 def cmd_control(args: argparse.Namespace) -> int:
     try:
         result = _client(args).control(ACTIONS[args.action], args.app)
     except DaemonError as exc:
-        print(f"netprof: {exc}", file=sys.stderr)
+        _refused(exc)
         return 2
-    where = f"app {args.app}" if args.app else "every app"
-    print(f"{args.action}: {result['segments']} process(es) of {where}")
+    where = f"app {printable(args.app)}" if args.app else "every app"
+    print(f"{args.action}: {printable(str(result['segments']))} process(es) of {where}")
     for failure in result.get("failed", []):
-        print(f"  failed: {failure['path']}: {failure['reason']}", file=sys.stderr)
+        print(
+            f"  failed: {printable(str(failure['path']))}: {printable(str(failure['reason']))}",
+            file=sys.stderr,
+        )
     return 1 if result.get("failed") else 0
 
 
@@ -91,7 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 written += len(chunk)
                 progress.update(task, completed=written)
     except DaemonError as exc:
-        print(f"netprof: {exc}", file=sys.stderr)
+        _refused(exc)
         return 2
     finally:
         if out is not sys.stdout.buffer:

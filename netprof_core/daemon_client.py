@@ -11,6 +11,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ._display import printable
+
 __all__ = ("DEFAULT_URL", "DaemonClient", "DaemonError")
 
 DEFAULT_URL = "http://127.0.0.1:9465"
@@ -37,12 +39,13 @@ class DaemonClient:
         except urllib.error.HTTPError as exc:
             try:
                 reason = json.loads(exc.read()).get("error", exc.reason)
-            except ValueError:
+            except (ValueError, AttributeError):  # not JSON, or not an object
                 reason = exc.reason
-            raise DaemonError(f"{method} {self.url}{path}: HTTP {exc.code}: {reason}") from None
+            # The reason is the answer's text: whatever is at the URL wrote it.
+            raise DaemonError(printable(f"{method} {self.url}{path}: HTTP {exc.code}: {reason}")) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise DaemonError(f"cannot reach netprofd at {self.url}: {reason}") from None
+            raise DaemonError(printable(f"cannot reach netprofd at {self.url}: {reason}")) from None
 
     def get(self, path: str, **params: Any) -> Any:
         with self._open("GET", path, params) as response:

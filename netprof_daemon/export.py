@@ -4,28 +4,29 @@ Records come grouped by process, oldest first within each."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import csv
 import io
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from netprof_core import RequestRecord, SegmentError, read_segment
+from netprof_core import RequestRecord, SegmentError
 
 from .log import api_logger
+from .store import stored_records
 from .summary import record_json
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-__all__ = ("ExportFilter", "stream_export")
+__all__ = ("ExportFilter", "spreadsheet_cell", "stream_export")
 
 MAX_LIMIT = 10_000_000
 CSV_FIELDS = (
@@ -33,6 +34,11 @@ CSV_FIELDS = (
     "ttfb_ms", "bytes_in", "bytes_out", "slow", "error", "error_kind",
 )  # fmt: skip
 CONTENT_TYPES = {"json": "application/json", "csv": "text/csv", "ndjson": "application/x-ndjson"}
+# A text cell starting with one of these is a formula (or starts one after a
+# tab or CR) in Excel, LibreOffice and Google Sheets: OWASP's list, with NUL
+# (OWASP ASVS) and the quote itself, so that one leading quote is always
+# netprof's and taking it away gives the name back.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\0", "'")
 _STATUS_CLASS = re.compile(r"([1-5])xx")
 
 
@@ -51,6 +57,17 @@ def _time(name: str, text: str) -> int:
     if not math.isfinite(seconds) or not 0 <= seconds < 1e11:
         raise ValueError(f"{name} must be unix seconds or an ISO 8601 date-time, got {text!r}")
     return int(seconds * 1e9)
+
+
+def _whole_number(text: str, lo: int, hi: int) -> int | None:
+    """``text`` as a whole number from ``lo`` to ``hi``, else None. ASCII
+    digits only: str.isdigit() also takes superscripts, which int() refuses,
+    and int() refuses more than 4,300 digits, which a client may send."""
+    digits = text.lstrip("0")
+    if not text.isascii() or not text.isdigit() or len(digits) > len(str(hi)):
+        return None
+    value = int(digits or "0")
+    return value if lo <= value <= hi else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +97,8 @@ class ExportFilter:
             if match := _STATUS_CLASS.fullmatch(text):
                 lo = int(match.group(1)) * 100
                 values["status"] = (lo, lo + 100)
-            elif text.isdigit() and 100 <= int(text) <= 599:
-                values["status"] = (int(text), int(text) + 1)
+            elif (code := _whole_number(text, 100, 599)) is not None:
+                values["status"] = (code, code + 1)
             else:
                 raise ValueError(f"status must be a status code (100-599) or a class like 5xx, got {text!r}")
         if "min_duration_ms" in query:
@@ -97,9 +114,10 @@ class ExportFilter:
             values["app"] = query["app"]
         if "limit" in query:
             text = query["limit"]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+            limit = _whole_number(text, 1, MAX_LIMIT)
+            if limit is None:
                 raise ValueError(f"limit must be an integer from 1 to {MAX_LIMIT}, got {text!r}")
-            values["limit"] = int(text)
+            values["limit"] = limit
         return cls(**values)
 
     def matches(self, record: RequestRecord) -> bool:
@@ -123,9 +141,22 @@ class ExportFilter:
         }
 
 
-def _csv_line(row: dict[str, Any]) -> str:
+def spreadsheet_cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: a str starting like a formula
+    gets a leading single quote (OWASP's CSV injection advice). The numbers
+    the exporter writes itself stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def _csv_line(values: Iterable[object]) -> str:
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(["" if row[f] is None else row[f] for f in CSV_FIELDS])
+    # CRLF (RFC 4180): the csv module quotes a cell holding any character of the
+    # line terminator, so a name with a bare CR cannot end a row either.
+    csv.writer(out, lineterminator="\r\n").writerow([spreadsheet_cell(value) for value in values])
     return out.getvalue()
 
 
@@ -138,7 +169,7 @@ class _Formatter:
 
     def start(self) -> str:
         if self.fmt == "csv":
-            return ",".join(CSV_FIELDS) + "\n"
+            return _csv_line(CSV_FIELDS)
         if self.fmt == "json":
             head = json.dumps({"exported_at": self.exported_at, "filters": self.wanted.describe()})
             return head[:-1] + ', "records": ['
@@ -147,7 +178,7 @@ class _Formatter:
     def record(self, row: dict[str, Any]) -> str:
         self.count += 1
         if self.fmt == "csv":
-            return _csv_line(row)
+            return _csv_line(row[f] for f in CSV_FIELDS)
         if self.fmt == "ndjson":
             return json.dumps(row) + "\n"
         return ("\n" if self.count == 1 else ",\n") + json.dumps(row)
@@ -164,6 +195,7 @@ async def stream_export(
         headers={
             "Content-Type": f"{CONTENT_TYPES[fmt]}; charset=utf-8",
             "Content-Disposition": f'attachment; filename="network-profiling-export.{fmt}"',
+            "X-Content-Type-Options": "nosniff",  # a download, never rendered as a page
         }
     )
     await response.prepare(request)
@@ -173,29 +205,30 @@ async def stream_export(
         if left is not None and left <= 0:
             break
         try:
-            # A reader of its own, off the loop (an object per record); the
-            # tick may close the entry's own reader meanwhile.
-            snapshot = await asyncio.to_thread(read_segment, entry.path)
+            # A reader of its own, a chunk of the ring at a time in a worker
+            # thread (bounded time and memory per step; the tick may close the
+            # entry's own reader meanwhile).
+            async with contextlib.aclosing(stored_records(entry.path)) as records:
+                async for records_chunk in records:
+                    chunk = []
+                    for record in _matching(records_chunk, wanted, left):
+                        chunk.append(formatter.record(record_json(record, entry.app, entry.pid)))
+                        if left is not None:
+                            left -= 1
+                    if chunk:
+                        await response.write("".join(chunk).encode())
+                    if left is not None and left <= 0:
+                        break
         except (SegmentError, OSError, ValueError) as exc:
             api_logger.warning("export: skipping %s: %s", entry.path, exc)
             continue
-        chunk = []
-        for record in _matching(snapshot.records, wanted, left):
-            chunk.append(formatter.record(record_json(record, snapshot.app_name, snapshot.header.pid)))
-            if left is not None:
-                left -= 1
-            if len(chunk) >= 500:
-                await response.write("".join(chunk).encode())
-                chunk.clear()
-        if chunk:
-            await response.write("".join(chunk).encode())
     await response.write(formatter.end().encode())
     await response.write_eof()
     return response
 
 
 def _matching(
-    records: tuple[RequestRecord, ...], wanted: ExportFilter, left: int | None
+    records: Iterable[RequestRecord], wanted: ExportFilter, left: int | None
 ) -> Iterator[RequestRecord]:
     for record in records:
         if left is not None and left <= 0:

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from netprof_core._display import printable
+
 __all__ = ("API_KEY_ENV", "DEBUG_PREFIX", "NP_PREFIX", "DaemonClient", "DaemonError", "default_api_key")
 
 API_KEY_ENV = "NETPROF_API_KEY"
@@ -26,7 +28,8 @@ class DaemonError(Exception):
 
     def __init__(self, url: str, message: str, status: int | None = None) -> None:
         where = f"{url}: HTTP {status}" if status is not None else url
-        super().__init__(f"{where}: {message}")
+        # The message is the daemon's text (or whatever answers at the URL): shown escaped.
+        super().__init__(printable(f"{where}: {message}"))
         self.url = url
         self.status = status
 

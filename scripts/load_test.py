@@ -55,6 +55,9 @@ from _common import DaemonClient, DaemonError, default_api_key
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from netprof_core._display import printable
 
 CRITERIA_EPILOG = """\
 criteria (the guide's staging phase; each limit is an option):
@@ -723,7 +726,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def print_summary(console: Console, result: dict[str, Any]) -> None:
-    table = Table(title=f"load test of {result['target']}: {result['concurrent']} clients")
+    table = Table(title=Text(printable(f"load test of {result['target']}: {result['concurrent']} clients")))
     table.add_column("profiling")
     for name in ("requests", "req/s", "errors", "mean ms", "p50 ms", "p95 ms", "p99 ms", "CPU ms/req"):
         table.add_column(name, justify="right")
@@ -782,7 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = asyncio.run(drive(args, target, request_maker(args), progress))
         result = report(args, target, run)
     except UsageError as exc:
-        print(f"load_test.py: error: {exc}", file=sys.stderr)
+        # The message may quote the demo app's log: each of its lines shown escaped.
+        shown = "\n".join(printable(line) for line in str(exc).splitlines())
+        print(f"load_test.py: error: {shown}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("load_test.py: interrupted", file=sys.stderr)
