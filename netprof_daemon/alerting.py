@@ -4,6 +4,7 @@ notifications in the outbox (delivered by :mod:`delivery`)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -38,8 +39,12 @@ class Alerting:
             repeat_interval=settings.repeat_interval_seconds,
             notify=config.profiling.enable_alerts,
         )
-        state.restore(self.engine)
-        undelivered = state.retry_all_now(time.time())
+        state.restore(self.engine)  # never raises: what does not fit is dropped, logged
+        try:
+            undelivered = state.retry_all_now(time.time())
+        except sqlite3.Error as exc:  # they stay due at their own time
+            alert_logger.error("cannot reschedule the undelivered notifications: %s", exc)
+            undelivered = 0
         if undelivered:
             alert_logger.info(
                 "%d notification deliveries left from before the restart: sending them", undelivered
@@ -82,12 +87,14 @@ class Alerting:
             alert_logger.warning("firing: %s", alert.summary)
             if alert.action == "disable":
                 self._auto_disable(store, alert.labels["app"], alert.rule, now)
-        self.engine.prune(now)
+        forgotten = self.engine.prune(now)
         notifications = self.engine.due(now)
-        if self.engine.changed or notifications:
+        if self.engine.changed or notifications or forgotten:
             extra = {"auto_disables": dict(self.auto_disables)}
             try:
-                self.state.save(self.engine, notifications, self.manager.active, extra=extra)
+                self.state.save(
+                    self.engine, notifications, self.manager.active, extra=extra, forgotten_silences=forgotten
+                )
             except Exception:
                 self.engine.requeue(notifications)  # kept for the next tick's save
                 raise
@@ -95,7 +102,10 @@ class Alerting:
             self.dispatcher.wake()
 
     def _auto_disable(self, store: SegmentStore, app: str, rule: str, now: float) -> None:
-        result = actions.apply(store.live(app), SegmentControl.auto_disable, f"auto-disable ({rule})")
+        # The app's verified processes only: a segment whose writer the kernel did not
+        # confirm may speak for another process, which must not pay for its data.
+        targets = store.identity.only_verified(store.live(app))
+        result = actions.apply(targets, SegmentControl.auto_disable, f"auto-disable ({rule})")
         self.memory.auto_disabled.add(app)
         if result.segments:
             self.auto_disables[app] += 1

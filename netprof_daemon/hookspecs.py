@@ -33,7 +33,15 @@ def netprof_notify(notification: Notification) -> Awaitable[None] | None:
     blocking client is fine; an ``async def`` implementation (or any returned
     awaitable) is awaited on the daemon's event loop.
 
-    :param notification: what to send; ``title`` and ``body`` are ready-made text.
+    Delivery is at least once, not exactly once: a daemon stopped (or killed)
+    after the receiver took a notification but before the call returned sends
+    it again when it restarts. ``notification.id`` is stable: the same on every
+    retry and after a restart, so put it in the payload (the built-ins do: a
+    field, an annotation, or the ``body``'s last line) for the receiver to
+    deduplicate by.
+
+    :param notification: what to send; ``title`` and ``body`` are ready-made
+        text (``body`` ends with the id line, ``notification.id_line``).
     :return: ``None``, or an awaitable the daemon awaits.
     Raising (or the awaitable raising, or the timeout) means "not delivered":
     the daemon retries the same notification (same ``id``) later.

@@ -12,13 +12,14 @@ from typing import Any
 
 from netprof_core import ProfilingConfig, RouteKey, RouteStats
 
-from .notification import SEVERITIES
+from .notification import SEVERITIES, finite_number
 from .store import AppState
 from .summary import quantiles
-from .windows import Window
+from .windows import WINDOWS, Window
 
 __all__ = (
     "APP_METRICS",
+    "LONGEST_WINDOW",
     "ROUTE_METRICS",
     "Rule",
     "Sample",
@@ -43,12 +44,16 @@ ANY_ROUTE = "*"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+# The daemon keeps checkpoints for its longest window only: a longer rule
+# window would silently be evaluated over this much.
+LONGEST_WINDOW = max(WINDOWS.values())
+_LONGEST_NAME = max(WINDOWS, key=WINDOWS.__getitem__)
 
 
 def parse_duration(text: object) -> float:
     """``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"`` or a number of seconds, as seconds."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if not math.isfinite(text) or text < 0:
+        if not finite_number(text) or text < 0:
             raise ValueError(f'expected a duration such as "30s" or "5m", got {text!r}')
         return float(text)
     if not isinstance(text, str) or not text or _DURATION.sub("", text):
@@ -113,16 +118,12 @@ def parse_rules(rules: Iterable[Mapping[str, Any]], source: str) -> tuple[list[R
         else:
             values["metric"] = metric
         op = table.get("op")
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:  # (a JSON list or object is no key of OPS)
             bad("op", f"expected one of {', '.join(OPS)}, got {op!r}")
         else:
             values["op"] = op
         threshold = table.get("threshold")
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-        ):
+        if not finite_number(threshold):
             bad("threshold", f"expected a number, got {threshold!r}")
         else:
             values["threshold"] = float(threshold)
@@ -138,6 +139,12 @@ def parse_rules(rules: Iterable[Mapping[str, Any]], source: str) -> tuple[list[R
                     bad(key, str(exc))
         if values.get("window", 1.0) <= 0:
             bad("window", "must be longer than 0")
+        elif values.get("window", 0.0) > LONGEST_WINDOW:
+            bad(
+                "window",
+                f"{values['window']:g} s is longer than the {LONGEST_WINDOW:g} s ({_LONGEST_NAME}) of "
+                f'checkpoints netprofd keeps; use at most "{_LONGEST_NAME}"',
+            )
         severity = table.get("severity", "warning")
         if severity not in SEVERITIES:
             bad("severity", f"expected one of {', '.join(SEVERITIES)}, got {severity!r}")
@@ -235,7 +242,8 @@ def evaluate(
             continue
         routes = [r for r in window.routes.values() if r.count]
         if rule.route is None:
-            yield _route_sample(rule, labels, _merged(routes), window.seconds)
+            merged = _merged(routes, rule.metric in PERCENTILE_METRICS)
+            yield _route_sample(rule, labels, merged, window.seconds)
             continue
         for route in routes:
             if rule.route in (ANY_ROUTE, route.key.template):
@@ -246,11 +254,22 @@ def _route_labels(key: RouteKey) -> dict[str, str]:
     return {"route": key.template, "method": key.method, "direction": key.direction.name.lower()}
 
 
-def _merged(routes: list[RouteStats]) -> RouteStats | None:
-    """All of an application's routes as one (the sum keeps the first key)."""
-    total = None
-    for route in routes:
-        total = route if total is None else total + route
+def _merged(routes: list[RouteStats], histograms: bool = True) -> RouteStats | None:
+    """All of an application's routes as one (the sum keeps the first key).
+    Without ``histograms``, only the counts a rate reads are summed: adding
+    histograms costs 17 KB a route, at every tick (issue 15: many routes)."""
+    if not routes:
+        return None
+    if not histograms:
+        return replace(
+            routes[0],
+            count=sum(r.count for r in routes),
+            errors=sum(r.errors for r in routes),
+            slow=sum(r.slow for r in routes),
+        )
+    total = routes[0]
+    for route in routes[1:]:
+        total = total + route
     return total
 
 
@@ -267,7 +286,7 @@ def _route_sample(rule: Rule, labels: dict[str, str], route: RouteStats | None, 
         value = count / seconds if seconds > 0 else math.nan
     else:
         q = {"p50_ms": 0.5, "p95_ms": 0.95, "p99_ms": 0.99}[metric]
-        value = quantiles(route.histogram, [q])[0] / 1e6
+        value = quantiles(route.histogram, [q], cap_ns=route.max_ns)[0] / 1e6
     return Sample(rule, labels, None if math.isnan(value) else value, count)
 
 

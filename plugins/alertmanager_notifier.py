@@ -1,5 +1,7 @@
 """Notifier ``alertmanager``: posts alerts to a Prometheus Alertmanager
 (``POST <url>/api/v2/alerts``), which then groups, silences and routes them.
+Alertmanager deduplicates an alert posted twice by its labels; each alert also
+carries the notification's id as the ``notification_id`` annotation.
 
 Table keys: ``url`` (required), e.g. ``"http://127.0.0.1:9093"``;
 ``timeout`` (optional, seconds, default 10).
@@ -67,7 +69,9 @@ def postable_alert(alert: Alert, notification: Notification) -> dict[str, Any]:
     labels = {"alertname": alert.name, "severity": alert.severity, **alert.labels}
     if notification.test:
         labels["test"] = "true"
-    annotations = {"summary": alert.summary, **alert.annotations}
+    # Alertmanager deduplicates by labels itself; the id (the same on every
+    # retry and after a restart) is there for whatever reads the annotations.
+    annotations = {"summary": alert.summary, **alert.annotations, "notification_id": notification.id}
     generator_url = annotations.pop("generator_url", None)
     body: dict[str, Any] = {
         "labels": {key: str(value) for key, value in labels.items()},

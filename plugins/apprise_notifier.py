@@ -2,6 +2,8 @@
 apprise (mail, Slack, Telegram, ntfy, generic JSON webhooks, ...).
 
 Table keys: ``urls`` (required): a non-empty list of apprise URLs.
+Apprise's payloads have no field of ours: the notification's id is the body's
+last line, ``(netprof notification <id>)``, for a receiver to deduplicate by.
 URLs carry secrets (passwords, tokens): only apprise's redacted form is logged.
 """
 

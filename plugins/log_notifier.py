@@ -1,4 +1,5 @@
-"""Notifier ``log``: one log line per alert on the ``netprofd.notify`` logger.
+"""Notifier ``log``: one log line per alert on the ``netprofd.notify`` logger,
+ending with ``notification <id>`` (the same id on a retry or after a restart).
 
 Active by default when the configuration has no ``notifiers`` table. Table keys:
 ``level`` (optional): the level for firing alerts, default ``WARNING``;

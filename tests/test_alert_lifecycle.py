@@ -11,6 +11,9 @@ from netprof_daemon.alerts import AlertEngine, Matcher
 from netprof_daemon.notification import Notification
 from netprof_daemon.rules import Rule, Sample
 
+# The HTTP layer, alerting and notifiers are the same whichever core reads the segments.
+pytestmark = pytest.mark.any_core
+
 ERRORS = Rule(
     "HighErrors", "error_rate_percent", ">", 10.0, window=60.0, for_seconds=3.0, severity="critical"
 )

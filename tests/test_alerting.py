@@ -12,35 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.apps.netprofd import NP, daemon_env, netprofd, run_netprofd, write_daemon_config
+from tests.apps.netprofd import NP, daemon_env, netprofd, rule_toml, run_netprofd, write_daemon_config
 from tests.apps.receivers import HttpReceiver, smtp_server
-from tests.apps.servers import (
-    REQUEST_TIMEOUT,
-    Server,
-    free_port,
-    running,
-    server_env,
-    uvicorn_argv,
-    wait_for,
-    write_config,
-)
+from tests.apps.servers import REQUEST_TIMEOUT, free_port, running, wait_for
+from tests.apps.shop import APP, Shop, shop_running
 
-APP = "shop"
+# The HTTP layer, alerting and notifiers are the same whichever core reads the segments.
+pytestmark = pytest.mark.any_core
+
 # apprise spaces its sends to one service by a few seconds: the timeout leaves room.
 FAST = {"tick_seconds": 0.2, "group_wait_seconds": 0.3, "notify_timeout_seconds": 10.0}
-
-
-def rule_toml(name: str, metric: str, op: str, threshold: float, **fields: object) -> str:
-    lines = [
-        "[[rules]]",
-        f'name = "{name}"',
-        f'metric = "{metric}"',
-        f'op = "{op}"',
-        f"threshold = {threshold}",
-    ]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
-    return "\n".join(lines) + "\n"
-
 
 ERRORS_RULE = rule_toml(
     "ShopErrors",
@@ -55,36 +36,10 @@ ERRORS_RULE = rule_toml(
 )
 
 
-class Shop:
-    def __init__(self, server: Server, segment_dir: Path, tmp: Path) -> None:
-        self.server = server
-        self.segment_dir = segment_dir
-        self.tmp = tmp
-        self.http = httpx.Client(
-            base_url=server.base_url, timeout=REQUEST_TIMEOUT, headers={"connection": "close"}
-        )
-
-    def send(self, good: int, bad: int = 0) -> None:
-        for i in range(max(good, bad)):
-            if i < good:
-                self.http.get(f"/items/{i}")
-            if i < bad:
-                self.http.get("/boom")
-
-
 @pytest.fixture
 def shop(tmp_path: Path) -> Iterator[Shop]:
-    segment_dir = tmp_path / "segments"
-    segment_dir.mkdir()
-    config = write_config(tmp_path / "app.toml", segment_dir, APP)
-    port = free_port()
-    argv = uvicorn_argv("tests.apps.starlette_app:app", port)
-    with running(
-        argv, env=server_env("cython", config=config), port=port, log_path=tmp_path / "app.log"
-    ) as server:
-        shop = Shop(server, segment_dir, tmp_path)
+    with shop_running(tmp_path) as shop:
         yield shop
-        shop.http.close()
 
 
 def titles(receiver: HttpReceiver) -> list[str]:

@@ -37,6 +37,9 @@ from netprof_daemon.plugins import DeliveryError, NotifierManager
 from tests.apps.servers import free_port
 from tests.tools import require_tool
 
+# The HTTP layer, alerting and notifiers are the same whichever core reads the segments.
+pytestmark = pytest.mark.any_core
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = {"apprise", "log", "alertmanager"}
 HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("netprof_"))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from email import message_from_bytes
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,12 +22,34 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
-class HttpReceiver:
-    """Records every POST body (parsed as JSON when it is JSON)."""
+class LocalHttpServer:
+    """``handler`` served on 127.0.0.1 (``port``, or a free one) from a thread of
+    the test process while the ``with`` block runs."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, handler: type[BaseHTTPRequestHandler], port: int | None = None) -> None:
         self.port = port or free_port()
-        self.posts: list[Any] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class HttpReceiver(LocalHttpServer):
+    """Records every POST when it arrives: its path and body (parsed as JSON when
+    it is JSON). Answers it ``delay`` seconds later (a slow receiver; the
+    attribute may change between deliveries), with the next status of
+    ``statuses``, then 200."""
+
+    def __init__(self, port: int | None = None, *, delay: float = 0.0, statuses: Sequence[int] = ()) -> None:
+        self.delay = delay
+        self.statuses = list(statuses)
+        self.posts: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         receiver = self
 
@@ -38,32 +61,28 @@ class HttpReceiver:
                 except ValueError:
                     parsed = body.decode("utf-8", "replace")
                 with receiver._lock:
-                    receiver.posts.append(parsed)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                    receiver.posts.append((self.path, parsed))
+                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                    delay = receiver.delay
+                time.sleep(delay)
+                with contextlib.suppress(OSError):  # the sender may have given up (or been killed)
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
 
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(Handler, port)
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def received(self) -> list[Any]:
+    def received(self, path: str | None = None) -> list[Any]:
+        """The bodies posted (to ``path`` only, when given), oldest first."""
         with self._lock:
-            return list(self.posts)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+            return [body for where, body in self.posts if path is None or where == path]
 
 
 class Mailbox:
