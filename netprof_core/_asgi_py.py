@@ -48,15 +48,95 @@ _INSPECT_MARK = getattr(inspect, "_is_coroutine_mark", None)
 
 def route_template(scope: dict[str, Any], root_path: str) -> str:
     """The template of the route the framework matched, else UNMATCHED_ROUTE.
-    Under a Starlette ``Mount``, the route's own template lacks the mount's
-    prefix: that is what the mounts added to ``root_path`` since ``root_path``."""
+    Never request data: under a Starlette ``Mount`` the route's own template
+    lacks the mount's, which comes from the mount itself (see ``mounted_template``)."""
     route = scope.get("route")
     if route is not None:
-        template = getattr(route, "path_format", None) or getattr(route, "path", None)
-        if isinstance(template, str):
-            mounted = scope.get("root_path", "")
-            return template if mounted == root_path else mounted[len(root_path) :] + template
+        template = own_template(route)
+        if template is not None:
+            if scope.get("root_path", "") == root_path:  # no mount crossed
+                return template
+            return mounted_template(scope, route, template, root_path)
     return UNMATCHED_ROUTE
+
+
+def own_template(route: object) -> str | None:
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return template if isinstance(template, str) else None
+
+
+# A route reached through mounts -> (the route, the router, its templates
+# with the mounts leading to it): a route object may be mounted more than once.
+_MOUNTED: dict[int, tuple[object, object, list[tuple[str, tuple[Any, ...]]]]] = {}
+_MOUNTED_LIMIT = 4096
+_MAX_MOUNT_DEPTH = 16
+
+
+def mounted_template(scope: dict[str, Any], route: object, template: str, root_path: str) -> str:
+    """The template of ``route``, matched under mounts: the mounts' templates
+    (found by walking the application's router, ``scope["router"]``, down to
+    ``route``) and its own. The request's path only chooses among the
+    templates of a route mounted more than once. Where the route cannot be
+    found, its own template (a mount's prefix is never taken from the
+    request's ``root_path``: a client writes that)."""
+    router = scope.get("router")
+    known = _MOUNTED.get(id(route))
+    if known is not None and known[0] is route and known[1] is router:
+        candidates = known[2]
+    else:
+        candidates = []
+        routes = getattr(router, "routes", None)
+        if isinstance(routes, list):
+            _find_route(routes, route, template, "", (), 0, candidates)
+        if len(_MOUNTED) < _MOUNTED_LIMIT:
+            _MOUNTED[id(route)] = (route, router, candidates)  # holding the route: its id is not reused
+    if not candidates:
+        return template
+    if len(candidates) == 1:
+        return candidates[0][0]
+    path = scope.get("path", "")
+    base = scope.get("app_root_path", root_path)
+    if isinstance(path, str) and isinstance(base, str) and path.startswith(base):
+        path = path[len(base) :]
+    for found, mounts in candidates:
+        if _mounts_match(mounts, path):
+            return found
+    return candidates[0][0]
+
+
+def _find_route(
+    routes: list[Any],
+    target: object,
+    template: str,
+    prefix: str,
+    mounts: tuple[Any, ...],
+    depth: int,
+    found: list[tuple[str, tuple[Any, ...]]],
+) -> None:
+    for route in routes:
+        if route is target:
+            found.append((prefix + template, mounts))
+            continue
+        inner = getattr(route, "routes", None)  # a Mount's or a Host's
+        if not isinstance(inner, list) or not inner or depth >= _MAX_MOUNT_DEPTH:
+            continue
+        regex = getattr(route, "path_regex", None)
+        mount = own_template(route) if regex is not None else None
+        if mount is None:  # a Host: no path of its own
+            _find_route(inner, target, template, prefix, mounts, depth + 1, found)
+        else:
+            own = mount.removesuffix("/{path}")
+            _find_route(inner, target, template, prefix + own, (*mounts, route), depth + 1, found)
+
+
+def _mounts_match(mounts: tuple[Any, ...], path: str) -> bool:
+    """Whether ``path`` (from the application's root) passes through ``mounts``, as Starlette matches them."""
+    for mount in mounts:
+        match = mount.path_regex.match(path)
+        if match is None:
+            return False
+        path = "/" + match.groupdict().get("path", "")
+    return True
 
 
 def is_disconnect(exc: BaseException, send: object) -> bool:
@@ -240,7 +320,11 @@ class Exchange:
     def failed(self, exc: BaseException) -> None:
         """The application raised ``exc``."""
         if self.error_kind == _NONE:
-            self.error_kind = _CLIENT_DISCONNECT if is_disconnect(exc, self._send) else _EXCEPTION
+            try:
+                disconnect = is_disconnect(exc, self._send)
+            except Exception:  # noqa: BLE001 - an exception whose attributes raise: the app's, as it is
+                disconnect = False
+            self.error_kind = _CLIENT_DISCONNECT if disconnect else _EXCEPTION
 
 
 def new_receiver(exchange: Exchange, receive: Receive, awaiting: Callable[..., Any]) -> Receiver:

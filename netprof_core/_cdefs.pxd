@@ -2,6 +2,10 @@
 from libc.stdint cimport int64_t, uint64_t
 
 
+cdef extern from "<fcntl.h>" nogil:
+    enum: O_NOFOLLOW  # (not in Cython's posix.fcntl)
+
+
 cdef extern from "_cdefs.h" nogil:
     void np_release_fence()
     int np_bit_length(uint64_t value)

@@ -6,6 +6,7 @@ from netprof_core._recorder_c cimport RecorderCore
 
 
 cdef object _OUTBOUND
+cdef int _EXCEPTION
 from netprof_core._clock cimport now_ns
 cdef object error_kind_of
 cdef object content_length
@@ -45,5 +46,6 @@ cdef class AsyncHttpxTransport:
 cdef _httpx_response_length(headers)
 @cython.locals(number=int64_t, digit=uint8_t)
 cdef _decimal(bytes digits)
+cpdef int failure_kind(exc) except? -1
 cpdef host_template(host, port)
 cpdef explicit_port(scheme, port)

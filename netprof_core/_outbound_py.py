@@ -18,7 +18,7 @@ from . import _instrumentation
 from ._clock import now_ns
 from ._failures import error_kind_of
 from ._instrumentation import timed, timed_async
-from ._layout import Direction
+from ._layout import Direction, ErrorKind
 from .hooks import ROUTE_CACHE_LIMIT, awaiting_for, content_length, cython_core
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 PathTemplate = Callable[[str], str]
 
 _OUTBOUND = Direction.OUTBOUND
+_EXCEPTION = int(ErrorKind.EXCEPTION)
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -71,7 +72,7 @@ class OutboundHook:
                 if route is None:
                     route = self._route(method, host, port, url)
                 self.last_route = (method, host, port, route)  # one tuple: threads see all of it or none
-        error_kind = 0 if exc is None else error_kind_of(exc)
+        error_kind = 0 if exc is None else failure_kind(exc)
         if self.core is not None:
             try:  # compiled beside the Cython core: a C call
                 self.core.record_ints(route, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, 0)
@@ -218,16 +219,26 @@ def _httpx_response_length(headers: Any) -> int:
 
 
 def _decimal(digits: bytes) -> int:
-    """A header's decimal value; 0 when it is not one. (Compiled, a C loop:
-    int() on bytes costs more than the rest of the header scan.)"""
+    """A header's decimal value; 0 when it is not one, or beyond
+    MAX_CONTENT_LENGTH (as ``content_length``). (Compiled, a C loop: int() on
+    bytes costs more than the rest of the header scan.)"""
     if not digits.isdigit():
         return 0
     if len(digits) > 18:  # more than the loop's 64-bit number holds
-        return int(digits)
+        return content_length(digits.decode("ascii"))
     number = 0
     for digit in digits:
         number = number * 10 + (digit - 48)
     return number
+
+
+def failure_kind(exc: BaseException) -> int:
+    """``error_kind_of(exc)``; EXCEPTION for an exception that cannot even
+    be looked at (its attributes raise): the application's, not netprof's error."""
+    try:
+        return int(error_kind_of(exc))
+    except Exception:  # noqa: BLE001
+        return _EXCEPTION
 
 
 def host_template(host: str, port: int | None) -> str:

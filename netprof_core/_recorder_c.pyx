@@ -12,8 +12,8 @@ a bad call, and the slow-request callback.)
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from libc.stdint cimport UINT64_MAX, int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, errno
 from libc cimport errno as libc_errno
 from libc.string cimport memcpy, memset
@@ -31,7 +31,7 @@ from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno, PyErr_SetFromEr
 
 from cpython.long cimport PyLong_Check
 
-from netprof_core._cdefs cimport np_bit_length, np_monotonic_ns, np_release_fence
+from netprof_core._cdefs cimport O_NOFOLLOW, np_bit_length, np_monotonic_ns, np_release_fence
 
 import os
 from array import array as _array
@@ -438,15 +438,22 @@ cdef class EmptyRecorder:
 
 
 # -- bucket arithmetic for readers: the twins of _recorder_py's ----------------
+# Sums over processes never wrap: an addition that would carry past 2**64 - 1
+# is refused (a wrapped counter goes backwards), as a subtraction below zero is.
 
 
-def add_counts(uint64_t[::1] into not None, const uint64_t[::1] values not None) -> None:
-    """``into[i] += values[i]`` for every i (two u64 arrays of one length)."""
+def add_counts(uint64_t[::1] into not None, const uint64_t[::1] values not None) -> bool:
+    """``into[i] += values[i]`` for every i (two u64 arrays of one length), if
+    no count would pass 2**64 - 1; else leaves ``into`` unchanged and returns False."""
     cdef Py_ssize_t i, n = into.shape[0]
     if values.shape[0] != n:
         raise ValueError(f"cannot add {values.shape[0]} counts to {n}")
     for i in range(n):
+        if into[i] > UINT64_MAX - values[i]:
+            return False
+    for i in range(n):
         into[i] += values[i]
+    return True
 
 
 def subtract_counts(uint64_t[::1] into not None, const uint64_t[::1] values not None) -> bool:
@@ -461,7 +468,6 @@ def subtract_counts(uint64_t[::1] into not None, const uint64_t[::1] values not 
     for i in range(n):
         into[i] -= values[i]
     return True
-
 
 # -- packed words: the nonzero words of a route block or histogram ------------
 # A kept route block is mostly zero buckets: readers keep the nonzero words
@@ -536,85 +542,210 @@ def pack_words(source, Py_ssize_t start, Py_ssize_t count) -> bytes:
         PyBuffer_Release(&view)
 
 
-cdef Py_ssize_t _packed_count(const Py_buffer* packed, Py_ssize_t limit) except -1:
-    """The number of packed words, after checking the format and that every
-    index is below ``limit``."""
+cdef Py_ssize_t _packed_count(const char* p, Py_ssize_t size, Py_ssize_t limit, bint* ascending) except -1:
+    """The number of packed words in the ``size`` bytes at ``p``, after
+    checking the format and that every index is below ``limit``; whether the
+    indexes ascend, each once (as pack_words makes them)."""
     cdef uint32_t head[2]
     cdef Py_ssize_t i, n
     cdef const uint16_t* idx
-    if packed.len < 8:
+    if size < 8:
         raise ValueError("not packed words: shorter than the header")
-    memcpy(head, packed.buf, 8)
+    memcpy(head, p, 8)
     n = head[0]
-    if head[1] != 0 or packed.len != 8 + 10 * n:
-        raise ValueError(f"not packed words: {packed.len} bytes for {n} words")
-    idx = <const uint16_t*>(<const char*>packed.buf + 8 + 8 * n)
+    if head[1] != 0 or size != 8 + 10 * n:
+        raise ValueError(f"not packed words: {size} bytes for {n} words")
+    idx = <const uint16_t*>(p + 8 + 8 * n)
+    ascending[0] = True
     for i in range(n):
         if idx[i] >= limit:
             raise ValueError(f"packed word index {idx[i]} out of range for {limit} counts")
+        if i and idx[i] <= idx[i - 1]:
+            ascending[0] = False
     return n
 
 
-cdef bint _subtract_words(uint64_t* w, const char* vals, const uint16_t* idx, Py_ssize_t n) noexcept:
-    """``w[idx[i]] -= vals[i]`` for the ``n`` packed words, if none would go
-    below zero (checked first: indexes may repeat in words packed elsewhere);
-    else False, ``w`` unchanged."""
-    cdef Py_ssize_t i
+# Why a swap of packed words was refused (0: done), and the names the
+# Python twin gives them.
+cdef enum:
+    SWAP_DONE = 0
+    SWAP_UNSUBTRACTABLE = 1
+    SWAP_BACKWARDS = 2
+    SWAP_OVERFLOW = 3
+
+REFUSALS = (None, "unsubtractable", "backwards", "overflow")
+
+
+cdef struct Words:
+    # Packed words ready for _swap_ascending: values (unaligned) and their
+    # ascending indexes; ``owned``: a buffer of ours to free.
+    const char* vals
+    const uint16_t* idx
+    Py_ssize_t n
+    void* owned
+
+
+cdef int _words(Words* out, const char* p, Py_ssize_t size, Py_ssize_t limit, bint trusted) except -1:
+    """Packed words as _swap_ascending takes them. ``trusted``: packed here
+    (well-formed, ascending), so not checked again. Words packed elsewhere
+    whose indexes do not ascend are summed by index into a buffer of ours
+    (ValueError if one index's values add past 2**64 - 1)."""
+    cdef bint ascending = True
+    cdef Py_ssize_t i, m, n
     cdef uint64_t v
-    for i in range(n):
-        memcpy(&v, vals + 8 * i, 8)
-        if w[idx[i]] < v:
-            return False
-    for i in range(n):
-        memcpy(&v, vals + 8 * i, 8)
-        w[idx[i]] -= v
-    return True
+    cdef uint64_t* dense
+    cdef char* buf
+    out.owned = NULL
+    if trusted:
+        n = (size - 8) // 10
+    else:
+        n = _packed_count(p, size, limit, &ascending)
+    out.vals = p + 8
+    out.idx = <const uint16_t*>(p + 8 + 8 * n)
+    out.n = n
+    if ascending:
+        return 0
+    limit = min(limit, 65536)  # indexes are u16
+    dense = <uint64_t*>PyMem_Calloc(limit, 8)
+    if dense == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            memcpy(&v, out.vals + 8 * i, 8)
+            if dense[out.idx[i]] > UINT64_MAX - v:
+                raise ValueError(f"not packed words: the values at index {out.idx[i]} add past 2**64 - 1")
+            dense[out.idx[i]] += v
+        m = 0
+        for i in range(limit):
+            m += dense[i] != 0
+        buf = <char*>PyMem_Malloc(max(m, 1) * 10)
+        if buf == NULL:
+            raise MemoryError()
+        out.owned = buf
+        out.vals = buf
+        out.idx = <const uint16_t*>(buf + 8 * m)
+        out.n = m
+        m = 0
+        for i in range(limit):
+            if dense[i]:
+                memcpy(buf + 8 * m, &dense[i], 8)
+                (<uint16_t*>(buf + 8 * out.n))[m] = <uint16_t>i
+                m += 1
+    finally:
+        PyMem_Free(dense)
+    return 0
 
 
-cdef void _add_words(uint64_t* w, const char* vals, const uint16_t* idx, Py_ssize_t n) noexcept:
-    """``w[idx[i]] += vals[i]`` for the ``n`` packed words."""
-    cdef Py_ssize_t i
-    cdef uint64_t v
-    for i in range(n):
-        memcpy(&v, vals + 8 * i, 8)
-        w[idx[i]] += v
+cdef int _swap_ascending(uint64_t* w, const Words* old, const Words* new, bint monotone,
+                         Py_ssize_t exempt) noexcept:
+    """``w -= old`` then ``w += new``, word by word in one walk through both
+    (their indexes ascend), each word checked before it changes: refused,
+    ``w`` unchanged, if a word would go below zero (old was never added),
+    pass 2**64 - 1, or (``monotone``) be less in ``new`` than in ``old`` (a
+    counter going backwards; the word at ``exempt`` may). Returns SWAP_*."""
+    cdef Py_ssize_t i = 0, j = 0, step_i, step_j
+    cdef uint16_t k
+    cdef uint64_t a, b, x
+    cdef int refused = SWAP_DONE
+    while i < old.n or j < new.n:
+        step_i, step_j = i, j
+        a = b = 0
+        if j >= new.n or (i < old.n and old.idx[i] <= new.idx[j]):
+            k = old.idx[i]
+            memcpy(&a, old.vals + 8 * i, 8)
+            i += 1
+            if j < new.n and new.idx[j] == k:
+                memcpy(&b, new.vals + 8 * j, 8)
+                j += 1
+        else:
+            k = new.idx[j]
+            memcpy(&b, new.vals + 8 * j, 8)
+            j += 1
+        x = w[k]
+        if x < a:
+            refused = SWAP_UNSUBTRACTABLE
+        elif monotone and b < a and k != exempt:
+            refused = SWAP_BACKWARDS
+        elif x - a > UINT64_MAX - b:
+            refused = SWAP_OVERFLOW
+        if refused:
+            # Undo the words done (exact: none of them wrapped).
+            while step_i > 0:
+                step_i -= 1
+                memcpy(&a, old.vals + 8 * step_i, 8)
+                w[old.idx[step_i]] += a
+            while step_j > 0:
+                step_j -= 1
+                memcpy(&b, new.vals + 8 * step_j, 8)
+                w[new.idx[step_j]] -= b
+            return refused
+        w[k] = x - a + b
+    return SWAP_DONE
 
 
-cdef int _apply_packed(into, packed, bint subtract) except -1:
-    """``into[i] += / -= value`` for each packed word; 0 when a subtraction
-    would go below zero (``into`` unchanged), else 1."""
-    cdef Py_buffer dst, src
-    cdef Py_ssize_t n
-    cdef uint64_t* w
-    cdef const uint16_t* idx
-    cdef const char* vals
+cdef Words _NO_WORDS_VIEW  # no packed words (n = 0)
+
+
+cdef int _swap(uint64_t* w, Py_ssize_t limit, const char* old, Py_ssize_t old_size, bint old_trusted,
+               const char* new, Py_ssize_t new_size, bint new_trusted, bint monotone,
+               Py_ssize_t exempt) except -1:
+    """_swap_ascending of two packed words (NULL: none); SWAP_*."""
+    cdef Words o = _NO_WORDS_VIEW, n = _NO_WORDS_VIEW
+    try:
+        if old != NULL:
+            _words(&o, old, old_size, limit, old_trusted)
+        if new != NULL:
+            _words(&n, new, new_size, limit, new_trusted)
+        return _swap_ascending(w, &o, &n, monotone, exempt)
+    finally:
+        PyMem_Free(o.owned)
+        PyMem_Free(n.owned)
+
+
+cdef int _apply_packed(into, old, new, bint monotone) except -1:
+    """``into -= old; into += new`` (packed words, None: none) as _swap; SWAP_*."""
+    cdef Py_buffer dst, o, n
+    cdef bint has_o = False, has_n = False
     PyObject_GetBuffer(into, &dst, PyBUF_WRITABLE)
     try:
-        PyObject_GetBuffer(packed, &src, PyBUF_SIMPLE)
-        try:
-            n = _packed_count(&src, dst.len // 8)
-            w = <uint64_t*>dst.buf
-            vals = <const char*>src.buf + 8
-            idx = <const uint16_t*>(vals + 8 * n)
-            if subtract:
-                return _subtract_words(w, vals, idx, n)
-            _add_words(w, vals, idx, n)
-            return 1
-        finally:
-            PyBuffer_Release(&src)
+        if old is not None:
+            PyObject_GetBuffer(old, &o, PyBUF_SIMPLE)
+            has_o = True
+        if new is not None:
+            PyObject_GetBuffer(new, &n, PyBUF_SIMPLE)
+            has_n = True
+        return _swap(<uint64_t*>dst.buf, dst.len // 8,
+                     <const char*>o.buf if has_o else NULL, o.len if has_o else 0, False,
+                     <const char*>n.buf if has_n else NULL, n.len if has_n else 0, False,
+                     monotone, -1)
     finally:
+        if has_n:
+            PyBuffer_Release(&n)
+        if has_o:
+            PyBuffer_Release(&o)
         PyBuffer_Release(&dst)
 
 
-def add_packed(into, packed) -> None:
-    """``into[i] += v`` for each packed word (``into``: a writable u64 array)."""
-    _apply_packed(into, packed, False)
+def add_packed(into, packed) -> bool:
+    """``into[i] += v`` for each packed word (``into``: a writable u64 array),
+    if no count would pass 2**64 - 1; else leaves ``into`` unchanged and
+    returns False."""
+    return _apply_packed(into, None, packed, False) == SWAP_DONE
 
 
 def subtract_packed(into, packed) -> bool:
     """``into[i] -= v`` for each packed word, if no count would go below zero;
     else leaves ``into`` unchanged and returns False."""
-    return _apply_packed(into, packed, True) == 1
+    return _apply_packed(into, packed, None, False) == SWAP_DONE
+
+
+def replace_packed(into, then, now, bint monotone=True):
+    """``into -= then; into += now`` (packed words; None: none), checked word
+    by word first: None when done, else why it was refused ("unsubtractable":
+    ``then`` was never added; "overflow": a word would pass 2**64 - 1;
+    "backwards", when ``monotone``: a word is less in ``now`` than in
+    ``then``), ``into`` unchanged."""
+    return REFUSALS[_apply_packed(into, then, now, monotone)]
 
 
 # -- route blocks kept packed, and their sums over processes -------------------
@@ -656,7 +787,7 @@ cdef class PackedBlock:
     def words(self):
         """The whole block, unpacked (an array of u64)."""
         words = _array("Q", bytes(ROUTE_BLOCK_WORDS * WORD))
-        _apply_packed(words, self.packed, False)
+        _apply_packed(words, None, self.packed, False)  # into zeros: cannot be refused
         return words
 
 
@@ -704,125 +835,56 @@ def pack_blocks(words, Py_ssize_t route_slots, Py_ssize_t route_count, tuple the
         PyBuffer_Release(&view)
 
 
-def replace_blocks(tuple then not None, tuple now not None, sums not None) -> None:
+def replace_blocks(tuple then not None, tuple now not None, sums not None):
     """Swap one process's route blocks ``then`` for ``now`` (PackedBlocks by
     route id; a missing one counts as empty) in ``sums`` (by route id, objects
     with ``words``, a u64 array of a route block, and ``max_ns``): for each
     route whose count moved, its block then is subtracted and its block now
-    added; the maximum only grows. ValueError, naming the sum's ``key``, if a
-    subtraction would go below zero (that route's sum left unchanged)."""
-    cdef Py_ssize_t r, n = max(len(then), len(now))
-    cdef PackedBlock old, new
-    cdef Py_buffer dst
-    cdef int done
+    added; the maximum only grows. All or nothing: None when done, else
+    ``(route id, why)`` and ``sums`` unchanged, when a route's block then was
+    never added ("unsubtractable"), a word would pass 2**64 - 1 ("overflow"),
+    or a word of a route that has both blocks is less now than then
+    ("backwards": a counter of one writer going down; its minimum may)."""
+    cdef Py_ssize_t r, back, n = max(len(then), len(now))
+    cdef PackedBlock new
+    cdef int refused
     if len(sums) < n:
         raise ValueError(f"{len(sums)} route sums for {n} routes")
     for r in range(n):
-        old = <PackedBlock?>then[r] if r < len(then) else None
-        new = <PackedBlock?>now[r] if r < len(now) else None
-        if old is new or (old is not None and new is not None and old.count == new.count):
-            continue
-        target = sums[r]
-        PyObject_GetBuffer(target.words, &dst, PyBUF_WRITABLE)
-        try:
-            done = _swap_packed(<uint64_t*>dst.buf, dst.len // 8,
-                                old.packed if old is not None else _NO_WORDS, old is None or old._ours,
-                                new.packed if new is not None else _NO_WORDS, new is None or new._ours)
-        finally:
-            PyBuffer_Release(&dst)
-        if not done:
-            raise ValueError(f"{target.key}: subtracting a route block that was never added")
-        if new is not None and new.max_ns > target.max_ns:
-            target.max_ns = new.max_ns
+        refused = _swap_blocks(then, now, sums, r, False)
+        if refused:
+            for back in range(r - 1, -1, -1):  # undo, as it was done: it cannot be refused
+                if _swap_blocks(now, then, sums, back, True):
+                    raise SystemError("replace_blocks: undoing a swap was refused")
+            return r, REFUSALS[refused]
+    for r in range(min(n, len(now))):
+        new = <PackedBlock?>now[r]
+        if new is not None and new.max_ns > sums[r].max_ns:
+            sums[r].max_ns = new.max_ns
+    return None
 
 
-cdef bytes _NO_WORDS = b"\0" * 8  # packed words: none
-
-
-cdef Py_ssize_t _checked_count(bytes packed, Py_ssize_t limit, bint* ascending) except -1:
-    """As _packed_count, and whether the indexes ascend (as pack_words makes them)."""
-    cdef uint32_t head[2]
-    cdef Py_ssize_t i, n, size = len(packed)
-    cdef const char* p = PyBytes_AS_STRING(packed)
-    cdef const uint16_t* idx
-    if size < 8:
-        raise ValueError("not packed words: shorter than the header")
-    memcpy(head, p, 8)
-    n = head[0]
-    if head[1] != 0 or size != 8 + 10 * n:
-        raise ValueError(f"not packed words: {size} bytes for {n} words")
-    idx = <const uint16_t*>(p + 8 + 8 * n)
-    ascending[0] = True
-    for i in range(n):
-        if idx[i] >= limit:
-            raise ValueError(f"packed word index {idx[i]} out of range for {limit} counts")
-        if i and idx[i] <= idx[i - 1]:
-            ascending[0] = False
-    return n
-
-
-cdef int _swap_packed(uint64_t* w, Py_ssize_t limit, bytes old, bint old_ours, bytes new, bint new_ours) except -1:
-    """``w -= old`` then ``w += new`` (packed words), as subtract_packed then
-    add_packed: 0, ``w`` unchanged, if the subtraction would go below zero.
-    ``*_ours``: packed here (well-formed, indexes ascending), so not checked again."""
-    cdef bint old_up = True, new_up = True
-    cdef Py_ssize_t no, nn
-    if old_ours and new_ours and limit >= ROUTE_BLOCK_WORDS:
-        no = (len(old) - 8) // 10
-        nn = (len(new) - 8) // 10
-    else:
-        no = _checked_count(old, limit, &old_up)
-        nn = _checked_count(new, limit, &new_up)
-    cdef const char* ov = PyBytes_AS_STRING(old) + 8
-    cdef const char* nv = PyBytes_AS_STRING(new) + 8
-    cdef const uint16_t* oi = <const uint16_t*>(ov + 8 * no)
-    cdef const uint16_t* ni = <const uint16_t*>(nv + 8 * nn)
-    if old_up and new_up:
-        return _swap_ascending(w, ov, oi, no, nv, ni, nn)
-    if not _subtract_words(w, ov, oi, no):
-        return 0
-    _add_words(w, nv, ni, nn)
-    return 1
-
-
-cdef int _swap_ascending(uint64_t* w, const char* ov, const uint16_t* oi, Py_ssize_t no,
-                         const char* nv, const uint16_t* ni, Py_ssize_t nn) noexcept:
-    """_swap_packed for indexes that ascend: one walk through both, in step
-    (a word is checked before anything changed it: its index is met once)."""
-    cdef Py_ssize_t i = 0, j = 0
-    cdef uint16_t k
-    cdef uint64_t a, b, x
-    while i < no:
-        k = oi[i]
-        while j < nn and ni[j] < k:
-            memcpy(&b, nv + 8 * j, 8)
-            w[ni[j]] += b
-            j += 1
-        memcpy(&a, ov + 8 * i, 8)
-        x = w[k]
-        if x < a:
-            # Undo what was done (additions mod 2**64 commute).
-            while i > 0:
-                i -= 1
-                memcpy(&a, ov + 8 * i, 8)
-                w[oi[i]] += a
-            while j > 0:
-                j -= 1
-                memcpy(&b, nv + 8 * j, 8)
-                w[ni[j]] -= b
-            return 0
-        if j < nn and ni[j] == k:
-            memcpy(&b, nv + 8 * j, 8)
-            j += 1
-            w[k] = x - a + b
-        else:
-            w[k] = x - a
-        i += 1
-    while j < nn:
-        memcpy(&b, nv + 8 * j, 8)
-        w[ni[j]] += b
-        j += 1
-    return 1
+cdef int _swap_blocks(tuple then, tuple now, sums, Py_ssize_t r, bint undo) except -1:
+    """replace_blocks for route ``r``: SWAP_*. ``undo``: ``then`` and ``now``
+    swapped back, not checked for counters going backwards."""
+    cdef PackedBlock old = <PackedBlock?>then[r] if r < len(then) else None
+    cdef PackedBlock new = <PackedBlock?>now[r] if r < len(now) else None
+    cdef Py_buffer dst
+    if old is new or (old is not None and new is not None and old.count == new.count):
+        return SWAP_DONE
+    target = sums[r]
+    PyObject_GetBuffer(target.words, &dst, PyBUF_WRITABLE)
+    try:
+        return _swap(<uint64_t*>dst.buf, dst.len // 8,
+                     PyBytes_AS_STRING(old.packed) if old is not None else NULL,
+                     len(old.packed) if old is not None else 0,
+                     old is not None and old._ours and dst.len // 8 >= ROUTE_BLOCK_WORDS,
+                     PyBytes_AS_STRING(new.packed) if new is not None else NULL,
+                     len(new.packed) if new is not None else 0,
+                     new is not None and new._ours and dst.len // 8 >= ROUTE_BLOCK_WORDS,
+                     old is not None and new is not None and not undo, R_MIN_NS)
+    finally:
+        PyBuffer_Release(&dst)
 
 
 # Where read_blocks reads one route block (the GIL is held: one serves all).
@@ -961,13 +1023,15 @@ cdef char _head[65536]
 def open_segment(path not None, Py_ssize_t head_size) -> tuple:
     """Open the file at ``path`` to read and write it, else (no permission
     to write) to read it, without blocking (a FIFO named like a segment must
-    not hang the caller), close-on-exec, and read its first ``head_size``
+    not hang the caller), without following a symlink (one named like a
+    segment must not lead the reader to another file), close-on-exec, and
+    read its first ``head_size``
     bytes: ``(fd, writable, size, head)``, ``size`` -1 (and ``head`` empty)
     if it is not a regular file, ``head`` shorter if the file is. OSError if
     it cannot be opened or read (then nothing is left open)."""
     # (str paths, the daemon's, encoded here: os.fsencode is Python code)
     cdef bytes encoded = PyUnicode_EncodeFSDefault(path) if type(path) is str else os.fsencode(path)
-    cdef int fd, flags = O_NONBLOCK | O_CLOEXEC
+    cdef int fd, flags = O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW
     cdef bint writable = True
     cdef struct_stat info
     cdef ssize_t got

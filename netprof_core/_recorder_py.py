@@ -14,8 +14,9 @@ import struct
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable
-from itertools import compress
+from itertools import compress, pairwise
 from typing import Any
 
 from . import _layout as L
@@ -48,12 +49,20 @@ class RecorderCore:
     never blocked by a reader. ``on_slow(route_id, duration_ns, status,
     suppressed)`` is called, outside the update, for slow requests when slow
     logging is on, at most once a second.
+
+    A signal handler runs in the thread it interrupts, maybe inside an update:
+    its calls get in (the lock is reentrant) and find ``_busy`` set; what they
+    would write waits in ``_pending``, applied as soon as the update it
+    interrupted is done (a plain lock would wait for itself forever).
     """
 
     def __init__(
         self, buf: object, layout: L.SegmentLayout, seed: int, on_slow: SlowCallback | None = None
     ) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._busy = False  # an update is in progress in the thread holding the lock
+        self._nested = False  # admit() is deciding inside another update: its counts wait
+        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._layout = layout
         self._slots = layout.route_slots
         self._hists = layout.route_histograms_start
@@ -82,6 +91,9 @@ class RecorderCore:
     def release(self) -> None:
         """Stop writing; record() becomes a no-op."""
         with self._lock:
+            if self._busy:  # a signal handler's: the update it interrupted still writes
+                self._pending.append((self._release, ()))
+                return
             self._release()
 
     def _release(self) -> None:
@@ -91,8 +103,33 @@ class RecorderCore:
 
     def reset_lock(self) -> None:
         """In a forked child: the parent's lock may have been held by a thread
-        that does not exist here."""
-        self._lock = threading.Lock()
+        that does not exist here (and what it left pending was the parent's)."""
+        self._lock = threading.RLock()
+        self._busy = self._nested = False
+        self._pending.clear()
+
+    def _run_pending(self) -> None:
+        """Apply what signal handlers asked while an update was in progress."""
+        while self._pending:
+            self._busy = True
+            try:
+                while self._pending:
+                    call, args = self._pending.popleft()
+                    call(*args)
+            finally:
+                self._busy = False
+
+    def _record_later(self, *args: int) -> None:
+        admitted = self._admit()
+        if admitted:
+            self._record(admitted, *args)
+
+    def _count_error_later(self, exc: BaseException) -> None:
+        try:
+            self._internal_error(exc)
+        except BaseException as raised:  # already raised in the signal handler, where it was asked
+            if raised is not exc:
+                raise
 
     # -- the hot path -------------------------------------------------------
 
@@ -108,10 +145,20 @@ class RecorderCore:
         ttfb_ns: int = 0,
     ) -> None:
         with self._lock:
-            admitted = self._admit()
-            slow = admitted and self._record(
-                admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns
-            )
+            if self._busy:  # a signal handler, inside this thread's own update: applied after it
+                args = (route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
+                self._pending.append((self._record_later, args))
+                return
+            self._busy = True
+            try:
+                admitted = self._admit()
+                slow = admitted and self._record(
+                    admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns
+                )
+            finally:
+                self._busy = False
+            if self._pending:
+                self._run_pending()
         if slow and self._on_slow is not None:
             self._log_slow(route_id, end_ns - start_ns, status, end_ns)
 
@@ -124,7 +171,20 @@ class RecorderCore:
         for :meth:`record_admitted` when it ends. A hook that asks first leaves
         a request it will not record alone, at the cost of this call."""
         with self._lock:
-            return self._admit()
+            if self._busy:  # a signal handler's: decided now, its counts written after the update
+                self._nested = True
+                try:
+                    return self._admit()
+                finally:
+                    self._nested = False
+            self._busy = True
+            try:
+                admitted = self._admit()
+            finally:
+                self._busy = False
+            if self._pending:
+                self._run_pending()
+            return admitted
 
     def record_admitted(
         self,
@@ -142,10 +202,18 @@ class RecorderCore:
         started: ``admitted`` is what it returned (anything false records nothing)."""
         if not admitted:
             return
+        args = (admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns)
         with self._lock:
-            slow = self._record(
-                admitted, route_id, status, start_ns, end_ns, bytes_in, bytes_out, error_kind, ttfb_ns
-            )
+            if self._busy:  # a signal handler's (see record)
+                self._pending.append((self._record, args))
+                return
+            self._busy = True
+            try:
+                slow = self._record(*args)
+            finally:
+                self._busy = False
+            if self._pending:
+                self._run_pending()
         if slow and self._on_slow is not None:
             self._log_slow(route_id, end_ns - start_ns, status, end_ns)
 
@@ -280,6 +348,9 @@ class RecorderCore:
         return slow and bool(w[c + L.C_LOG_SLOW])
 
     def _count(self, word: int) -> None:
+        if self._nested:
+            self._pending.append((self._count, (word,)))
+            return
         w = self._words
         g = self._live
         seq = w[g + L.G_SEQ]  # type: ignore[index]
@@ -328,7 +399,19 @@ class RecorderCore:
         """Count an error inside netprof (a hook's, say); auto-disable after too
         many in a row. Re-raises ``exc`` when graceful degradation is off."""
         with self._lock:
-            self._internal_error(exc)
+            if self._busy:  # a signal handler's (see record): counted after the update
+                self._pending.append((self._count_error_later, (exc,)))
+                w = self._words
+                if w is not None and not w[self._ctl + L.C_GRACEFUL]:
+                    raise exc
+                return
+            self._busy = True
+            try:
+                self._internal_error(exc)
+            finally:
+                self._busy = False
+            if self._pending:
+                self._run_pending()
 
     def _internal_error(self, exc: BaseException) -> None:
         w = self._words
@@ -372,16 +455,24 @@ class RecorderCore:
 
 # -- bucket arithmetic for readers (histograms summed over processes) ----------
 # The counts, read as one little-endian integer, are 64-bit lanes: adding two
-# such integers adds every bucket at once, at C speed (no count comes near
-# 2**64, so no carry crosses lanes).
+# such integers adds every bucket at once, at C speed, when no lane can carry
+# into the next. Sums over processes never wrap: an addition that would pass
+# 2**64 - 1 is refused (a wrapped counter goes backwards), as a subtraction
+# below zero is.
 
 
-def add_counts(into: array[int], values: array[int] | memoryview) -> None:
-    """``into[i] += values[i]`` for every i (two u64 arrays of one length)."""
+def add_counts(into: array[int], values: array[int] | memoryview) -> bool:
+    """``into[i] += values[i]`` for every i (two u64 arrays of one length), if
+    no count would pass 2**64 - 1; else leaves ``into`` unchanged and returns False."""
     if len(into) != len(values):
         raise ValueError(f"cannot add {len(values)} counts to {len(into)}")
+    if max(into, default=0) + max(values, default=0) > MASK64 and any(
+        a + b > MASK64 for a, b in zip(into, values)
+    ):
+        return False
     total = int.from_bytes(into.tobytes(), "little") + int.from_bytes(values.tobytes(), "little")
     into[:] = array("Q", total.to_bytes(8 * len(into), "little"))
+    return True
 
 
 def subtract_counts(into: array[int], values: array[int] | memoryview) -> bool:
@@ -434,22 +525,68 @@ def _unpack(packed: object, limit: int) -> tuple[array[int], array[int]]:
     return idx, vals
 
 
-def add_packed(into: array[int], packed: object) -> None:
-    """``into[i] += v`` for each packed word (``into``: a writable u64 array;
-    wraps at 2**64 as the C twin does)."""
-    for i, v in zip(*_unpack(packed, len(into))):
-        into[i] = (into[i] + v) & MASK64
+def _words(packed: object, limit: int) -> dict[int, int]:
+    """Packed words by index. Words packed elsewhere may repeat an index:
+    its values are summed (ValueError if they add past 2**64 - 1)."""
+    idx, vals = _unpack(packed, limit)
+    if all(a < b for a, b in pairwise(idx)):  # as pack_words makes them
+        return dict(zip(idx, vals))
+    words: dict[int, int] = {}
+    for i, v in zip(idx, vals):
+        total = words[i] = words.get(i, 0) + v
+        if total > MASK64:
+            raise ValueError(f"not packed words: the values at index {i} add past 2**64 - 1")
+    return {i: words[i] for i in sorted(words) if words[i]}  # ascending, as the C twin's
+
+
+# Why a swap of packed words was refused (None: done), as the C twin names it.
+REFUSALS = (None, "unsubtractable", "backwards", "overflow")
+
+
+def _swap(into: Any, then: object, now: object, monotone: bool, exempt: int = -1) -> str | None:
+    """``into -= then; into += now`` (packed words, None: none), every word
+    checked first, in index order: None when done, else why it was refused,
+    ``into`` unchanged: a word would go below zero ("unsubtractable": then was
+    never added), or (``monotone``) is less now than then ("backwards"; the
+    word at ``exempt`` may be), or would pass 2**64 - 1 ("overflow")."""
+    limit = len(into)
+    old = _words(then, limit) if then is not None else {}
+    new = _words(now, limit) if now is not None else {}
+    done = []
+    for k in sorted(old.keys() | new.keys()) if old and new else (old or new):  # (each ascends)
+        a, b, x = old.get(k, 0), new.get(k, 0), into[k]
+        if x < a:
+            return "unsubtractable"
+        if monotone and b < a and k != exempt:
+            return "backwards"
+        if x - a + b > MASK64:
+            return "overflow"
+        done.append((k, x - a + b))
+    for k, value in done:
+        into[k] = value
+    return None
+
+
+def add_packed(into: array[int], packed: object) -> bool:
+    """``into[i] += v`` for each packed word (``into``: a writable u64 array),
+    if no count would pass 2**64 - 1; else leaves ``into`` unchanged and
+    returns False."""
+    return _swap(into, None, packed, False) is None
 
 
 def subtract_packed(into: array[int], packed: object) -> bool:
     """``into[i] -= v`` for each packed word, if no count would go below zero;
     else leaves ``into`` unchanged and returns False."""
-    idx, vals = _unpack(packed, len(into))
-    if any(into[i] < v for i, v in zip(idx, vals)):
-        return False
-    for i, v in zip(idx, vals):
-        into[i] -= v
-    return True
+    return _swap(into, packed, None, False) is None
+
+
+def replace_packed(into: array[int], then: object, now: object, monotone: bool = True) -> str | None:
+    """``into -= then; into += now`` (packed words; None: none), checked word
+    by word first: None when done, else why it was refused ("unsubtractable":
+    ``then`` was never added; "overflow": a word would pass 2**64 - 1;
+    "backwards", when ``monotone``: a word is less in ``now`` than in
+    ``then``), ``into`` unchanged."""
+    return _swap(into, then, now, monotone)
 
 
 # -- route blocks kept packed, and their sums over processes -------------------
@@ -536,32 +673,56 @@ def pack_blocks(
     return tuple(out)
 
 
-def replace_blocks(then: tuple[PackedBlock, ...], now: tuple[PackedBlock, ...], sums: Any) -> None:
+def replace_blocks(
+    then: tuple[PackedBlock, ...], now: tuple[PackedBlock, ...], sums: Any
+) -> tuple[int, str] | None:
     """Swap one process's route blocks ``then`` for ``now`` (PackedBlocks by
     route id; a missing one counts as empty) in ``sums`` (by route id, objects
     with ``words``, a u64 array of a route block, and ``max_ns``): for each
     route whose count moved, its block then is subtracted and its block now
-    added; the maximum only grows. ValueError, naming the sum's ``key``, if a
-    subtraction would go below zero (that route's sum left unchanged)."""
+    added; the maximum only grows. All or nothing: None when done, else
+    ``(route id, why)`` and ``sums`` unchanged, when a route's block then was
+    never added ("unsubtractable"), a word would pass 2**64 - 1 ("overflow"),
+    or a word of a route that has both blocks is less now than then
+    ("backwards": a counter of one writer going down; its minimum may)."""
     if not isinstance(then, tuple) or not isinstance(now, tuple):
         raise TypeError("then and now must be tuples")
     n = max(len(then), len(now))
     if len(sums) < n:
         raise ValueError(f"{len(sums)} route sums for {n} routes")
     for r in range(n):
-        old = then[r] if r < len(then) else None
-        new = now[r] if r < len(now) else None
-        for block in (old, new):
-            if block is not None and not isinstance(block, PackedBlock):
-                raise TypeError(f"route {r}: not a PackedBlock")
-        if old is new or (old is not None and new is not None and old.count == new.count):
-            continue
-        target = sums[r]
-        if old is not None and not subtract_packed(target.words, old.packed):
-            raise ValueError(f"{target.key}: subtracting a route block that was never added")
-        if new is not None:
-            add_packed(target.words, new.packed)
-            target.max_ns = max(target.max_ns, new.max_ns)
+        refused = _swap_blocks(then, now, sums, r, undo=False)
+        if refused is not None:
+            for back in range(r - 1, -1, -1):  # undo, as it was done: it cannot be refused
+                if _swap_blocks(now, then, sums, back, undo=True) is not None:
+                    raise SystemError("replace_blocks: undoing a swap was refused")
+            return r, refused
+    for r in range(min(n, len(now))):
+        new = now[r]
+        if new is not None and new.max_ns > sums[r].max_ns:
+            sums[r].max_ns = new.max_ns
+    return None
+
+
+def _swap_blocks(
+    then: tuple[PackedBlock, ...], now: tuple[PackedBlock, ...], sums: Any, r: int, *, undo: bool
+) -> str | None:
+    """replace_blocks for route ``r``. ``undo``: ``then`` and ``now`` swapped
+    back, not checked for counters going backwards."""
+    old = then[r] if r < len(then) else None
+    new = now[r] if r < len(now) else None
+    for block in (old, new):
+        if block is not None and not isinstance(block, PackedBlock):
+            raise TypeError(f"route {r}: not a PackedBlock")
+    if old is new or (old is not None and new is not None and old.count == new.count):
+        return None
+    return _swap(
+        sums[r].words,
+        old.packed if old is not None else None,
+        new.packed if new is not None else None,
+        old is not None and new is not None and not undo,
+        L.R_MIN_NS,
+    )
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -666,13 +827,15 @@ def read_live(
 def open_segment(path: str, head_size: int) -> tuple[int, bool, int, bytes]:
     """Open the file at ``path`` to read and write it, else (no permission
     to write) to read it, without blocking (a FIFO named like a segment must
-    not hang the caller), close-on-exec, and read its first ``head_size``
+    not hang the caller), without following a symlink (one named like a
+    segment must not lead the reader to another file), close-on-exec, and
+    read its first ``head_size``
     bytes: ``(fd, writable, size, head)``, ``size`` -1 (and ``head`` empty)
     if it is not a regular file, ``head`` shorter if the file is. OSError if
     it cannot be opened or read (then nothing is left open)."""
     if not 0 <= head_size <= 65536:
         raise ValueError(f"cannot read a head of {head_size} bytes")
-    flags = os.O_NONBLOCK | os.O_CLOEXEC
+    flags = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         fd, writable = os.open(path, os.O_RDWR | flags), True
     except OSError as exc:

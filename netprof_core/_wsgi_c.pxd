@@ -12,6 +12,7 @@ cdef int _NONE
 cdef int _EXCEPTION
 cdef dict _STATUS_CODES
 cdef Py_ssize_t _STATUS_CODES_LIMIT
+cdef object _INT64_MAX
 from netprof_core._clock cimport now_ns
 
 
@@ -28,7 +29,7 @@ cdef class WsgiRequests:
     @cython.locals(request=Request, bytes_out=int64_t, admitted=int)
     cpdef serve(self, environ, start_response)
 
-    @cython.locals(templates=dict, end=int64_t, bytes_in=int64_t, ttfb=int64_t)
+    @cython.locals(templates=dict, end=int64_t, ttfb=int64_t)
     cdef finish(self, Request request, int error_kind)
 
 

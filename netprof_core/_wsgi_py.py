@@ -33,6 +33,7 @@ _NONE = int(ErrorKind.NONE)
 _EXCEPTION = int(ErrorKind.EXCEPTION)
 _STATUS_CODES: dict[str, int] = {}  # "200 OK" -> 200: servers send a handful of status lines
 _STATUS_CODES_LIMIT = 1024
+_INT64_MAX = 2**63 - 1
 
 
 class WsgiRequests:
@@ -104,12 +105,12 @@ class WsgiRequests:
             self.hook.recorder.internal_error(exc)
             return
         ttfb = request.first_byte - request.start if request.first_byte else 0
-        if self.core is not None:  # compiled beside the Cython core: a C call, no number boxed
+        if self.core is not None and bytes_in <= _INT64_MAX:  # compiled beside the Cython core: a C call
             self.core.record_admitted_ints(
                 request.admitted, route, status, request.start, end, bytes_in, request.bytes_out, error_kind,
                 ttfb,
             )  # fmt: skip
-        else:
+        else:  # (a Content-Length no C int64 holds, up to 2**64 - 1: recorded, as record() takes it)
             self.record_admitted(
                 request.admitted, route, status, request.start, end, bytes_in, request.bytes_out, error_kind,
                 ttfb,

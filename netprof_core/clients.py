@@ -33,7 +33,7 @@ from ._failures import error_kind_of
 from ._hookpaths import hook_path
 from ._instrumentation import timed, timed_async
 from ._outbound_py import OutboundHook, explicit_port
-from .hooks import content_length, get_recorder
+from .hooks import MAX_CONTENT_LENGTH, content_length, get_recorder
 from .log import recorder_logger
 from .recorder import Recorder
 
@@ -258,7 +258,9 @@ def _aiohttp_done(
         status = bytes_in = bytes_out = 0
         if response is not None:
             status = response.status
-            bytes_in = response.content_length or 0
+            bytes_in = response.content_length or 0  # aiohttp's parse of the header: any int
+            if not 0 <= bytes_in <= MAX_CONTENT_LENGTH:
+                bytes_in = 0  # as content_length() takes a length no counter holds
             bytes_out = content_length(response.request_info.headers.get("Content-Length"))
         elif isinstance(exc, sys.modules["aiohttp"].ClientResponseError):
             status = exc.status  # raise_for_status: there was a response

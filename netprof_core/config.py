@@ -104,6 +104,12 @@ class ProfilingConfig:
         pattern=re.compile(r"[^\x00]+"),
         pattern_hint="a non-empty directory path without NUL bytes",
     )
+    segment_dir_owner: str = setting(
+        "netprofd",
+        "User (name or uid) whose segment_dir apps trust, besides root and their own",
+        pattern=re.compile(r"[0-9]+|[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?"),
+        pattern_hint="a user name (up to 32 of A-Z a-z 0-9 _ . -) or a numeric uid",
+    )
     app_name: str = setting(
         _default_app_name,
         "Application name in segments and metric labels (default: the program's name)",

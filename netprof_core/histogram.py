@@ -15,8 +15,20 @@ if TYPE_CHECKING:
 
 _core = core_module()
 add_packed, pack_words, subtract_packed = _core.add_packed, _core.pack_words, _core.subtract_packed
+replace_packed = _core.replace_packed
 
-__all__ = ("Histogram",)
+__all__ = ("Histogram", "saturating_add")
+
+U64_MAX = (1 << 64) - 1
+
+
+def saturating_add(into: array[int], values: Iterable[int]) -> None:
+    """``into[i] += values[i]``, each count stopping at 2**64 - 1: for sums
+    that are only ever added to (never subtracted from), where a count that
+    cannot grow any more must at least not go backwards. The slow path of a
+    checked addition that was refused, so rare."""
+    for i, value in enumerate(values):
+        into[i] = min(U64_MAX, into[i] + value)
 
 
 class Histogram:
@@ -54,12 +66,18 @@ class Histogram:
             self._counts, self._packed = counts, None
         return self._counts
 
-    def add_to(self, counts: array[int]) -> None:
-        """``counts[i] += self.counts[i]``, without unpacking a packed histogram."""
+    def add_to(self, counts: array[int]) -> bool:
+        """``counts[i] += self.counts[i]``, without unpacking a packed histogram,
+        if no count would pass 2**64 - 1 (else False, ``counts`` unchanged)."""
         if self._packed is not None:
-            add_packed(counts, self._packed)
-        else:
-            add_counts(counts, self.counts)
+            return add_packed(counts, self._packed)  # type: ignore[no-any-return]
+        return add_counts(counts, self.counts)
+
+    def packed(self) -> bytes:
+        """The nonzero buckets, packed (``pack_words``), without unpacking a packed histogram."""
+        if self._packed is not None:
+            return self._packed
+        return pack_words(self.counts, 0, HIST_BUCKETS)  # type: ignore[no-any-return]
 
     def subtract_from(self, counts: array[int]) -> bool:
         """``counts[i] -= self.counts[i]`` if none goes below zero (else False,
@@ -101,7 +119,10 @@ class Histogram:
         return merged
 
     def __iadd__(self, other: Histogram) -> Self:
-        other.add_to(self.counts)
+        """Merge ``other`` in; a bucket that would pass 2**64 - 1 stays there
+        (a merged histogram is made afresh, never subtracted from)."""
+        if not other.add_to(self.counts):
+            saturating_add(self.counts, other.counts)
         self.max_ns = None if self.max_ns is None or other.max_ns is None else max(self.max_ns, other.max_ns)
         return self
 

@@ -9,6 +9,7 @@ times; it asks at the end, in ``record``.)"""
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from .config import ProfilingConfig
 from .recorder import Recorder
 
 __all__ = (
+    "MAX_CONTENT_LENGTH",
     "ROUTE_ENVIRON_KEY",
     "UNMATCHED_ROUTE",
     "InboundHook",
@@ -43,10 +45,21 @@ ROUTE_CACHE_LIMIT = 4096
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
 
+# The largest length counted: what a segment's counters hold (record() takes up to this).
+MAX_CONTENT_LENGTH = 2**64 - 1
+
+
 def content_length(value: str | None) -> int:
-    """A Content-Length header's value; 0 when missing or malformed (it comes
-    from the client: a bad one is the client's problem, not netprof's)."""
-    return int(value) if value and value.isascii() and value.isdigit() else 0
+    """A Content-Length header's value; 0 when missing, malformed or beyond
+    MAX_CONTENT_LENGTH (it comes from the client, or from the server of an
+    outbound request: a bad one is their problem, never an error of netprof's)."""
+    if not value or not value.isascii() or not value.isdigit():
+        return 0
+    digits = value.lstrip("0")
+    if len(digits) > 20:  # past MAX_CONTENT_LENGTH; and int() refuses more than 4300 digits
+        return 0
+    number = int(digits) if digits else 0
+    return number if number <= MAX_CONTENT_LENGTH else 0
 
 
 def _compiled_awaiting() -> Callable[..., Any] | None:
@@ -62,6 +75,16 @@ _COMPILED_AWAITING = _compiled_awaiting()
 
 _default: Recorder | None = None
 _default_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A thread that held the lock at the fork does not exist in the child: a
+    # new lock, or the child's get_recorder() would wait for it forever.
+    global _default_lock
+    _default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def cython_core(recorder: Recorder) -> Any:
@@ -127,17 +150,17 @@ class InboundHook:
         self.record = self.recorder.record
         self.route_ids: dict[str, dict[str, int]] = {}  # method -> template -> route id
         self._cached_routes = 0
-        self._cache_lock = threading.Lock()
 
     def intern(self, template: str, method: str) -> int:
         route = self.recorder.route_id(
             template, method if method in KNOWN_METHODS else "OTHER", Direction.INBOUND
         )
-        # A miss is rare, and threads may miss the same route at once: counted once.
-        with self._cache_lock:
-            if self._cached_routes < ROUTE_CACHE_LIMIT:  # a route_key, or a client's method, may be anything
-                templates = self.route_ids.setdefault(method, {})
-                if template not in templates:
-                    templates[template] = route
-                    self._cached_routes += 1
+        # No lock: a fork while another thread held one would leave the child
+        # waiting for it forever. Threads that miss the same route at once may
+        # each count it: the limit is a bound, not a tally.
+        if self._cached_routes < ROUTE_CACHE_LIMIT:  # a route_key, or a client's method, may be anything
+            templates = self.route_ids.setdefault(method, {})
+            if template not in templates:
+                templates[template] = route
+                self._cached_routes += 1
         return route

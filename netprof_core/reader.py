@@ -15,14 +15,14 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _layout as L
 from ._recorder import add_counts, core_module
 from .control import ControlState, SegmentControl, read_control_words
-from .histogram import Histogram, add_packed, pack_words, subtract_packed
+from .histogram import Histogram, add_packed, pack_words, saturating_add, subtract_packed
 from .log import segment_logger
 from .segment import (
     SegmentError,
@@ -36,6 +36,7 @@ from .segment import (
 __all__ = (
     "Counters",
     "PackedBlock",
+    "RecordScan",
     "RequestRecord",
     "RouteKey",
     "RouteStats",
@@ -58,6 +59,11 @@ else:  # the live core's: a C type where the Cython core is in use
     new_frozen, open_segment, segment_locked = _core.new_frozen, _core.open_segment, _core.segment_locked
 
 _T = TypeVar("_T")
+# Failures that say nothing about a file, only about this moment (no
+# descriptor, no memory, a signal): never a verdict on a segment or a writer.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.ENOBUFS, errno.ENOLCK}
+)
 LIVE_ATTEMPTS = 3
 RING_CHUNK_SLOTS = 4096
 _ERROR_KINDS = tuple(L.ErrorKind)
@@ -172,8 +178,10 @@ class RouteSums:
         self.max_ns = 0
 
     def add_block(self, block: PackedBlock) -> None:
-        """Add a route block read from a segment."""
-        add_packed(self.words, block.packed)
+        """Add a route block read from a segment (a word that would pass
+        2**64 - 1 stays there: see :meth:`add`)."""
+        if not add_packed(self.words, block.packed):
+            saturating_add(self.words, block.words())
         self.max_ns = max(self.max_ns, block.max_ns)
 
     def subtract_block(self, block: PackedBlock) -> None:
@@ -182,7 +190,11 @@ class RouteSums:
             raise ValueError(f"{self.key}: subtracting a route block that was never added")
 
     def add(self, other: RouteSums) -> None:
-        add_counts(self.words, other.words)
+        """Add ``other``'s sums. A word that would pass 2**64 - 1 stays there:
+        sums made by adding (an application's totals, merged) are never
+        subtracted from, and a counter that cannot grow must not go backwards."""
+        if not add_counts(self.words, other.words):
+            saturating_add(self.words, other.words)
         self.max_ns = max(self.max_ns, other.max_ns)
 
     def copy(self) -> RouteSums:
@@ -365,27 +377,31 @@ class SegmentReader:
                     raise
 
     @classmethod
-    def first(cls, path: str | os.PathLike[str]) -> tuple[SegmentReader, SegmentSnapshot, int]:
+    def first(
+        cls, path: str | os.PathLike[str], *, timeout: float = 1.0
+    ) -> tuple[SegmentReader, SegmentSnapshot, int]:
         """Open a segment and take what the daemon keeps of it: the reader,
         ``snapshot(records=False, routes=False)`` and the live sequence
         counter read before it (a record after that counter is read at the
         next :meth:`refresh`). What netprofd does for each process it finds,
-        in as few steps as it takes."""
+        in as few steps as it takes. ``timeout``: as :meth:`snapshot`'s."""
         reader = cls(path, poll=True)
         try:
             meta, sequence = reader.polled  # type: ignore[misc]
-            return reader, reader._first_snapshot(meta, sequence), sequence
+            return reader, reader._first_snapshot(meta, sequence, timeout), sequence
         except BaseException:
             reader.close()
             raise
 
-    def _first_snapshot(self, meta: tuple[int, tuple[int, ...], int, int], sequence: int) -> SegmentSnapshot:
+    def _first_snapshot(
+        self, meta: tuple[int, tuple[int, ...], int, int], sequence: int, timeout: float = 1.0
+    ) -> SegmentSnapshot:
         """snapshot(records=False, routes=False, meta=meta, sequence=sequence),
         for a segment read through its file whose writer is not inside an
         update: one read of the live area (the general path otherwise)."""
         closed_ns, control_words, route_count, overflowed = meta
         if self._fd is None or sequence & 1 or not 1 <= route_count <= self._route_slots:
-            return self.snapshot(records=False, routes=False, meta=meta, sequence=sequence)
+            return self.snapshot(records=False, routes=False, meta=meta, sequence=sequence, timeout=timeout)
         header = self._header(closed_ns)
         # Asked before the copy, as in snapshot().
         ended = closed_ns or not self.writer_alive()
@@ -395,7 +411,7 @@ class SegmentReader:
         except ValueError as exc:  # a short read
             raise SegmentError(self.path, str(exc)) from None
         if got is None:  # written meanwhile
-            return self.snapshot(records=False, routes=False, meta=meta)
+            return self.snapshot(records=False, routes=False, meta=meta, timeout=timeout)
         globals_, blocks, packed = got
         control_words, control = self._control_state(control_words)
         overhead = Histogram.from_packed(packed, globals_[L.G_OVERHEAD_MAX_NS])  # type: ignore[arg-type]  # read: no count then
@@ -508,18 +524,23 @@ class SegmentReader:
                 )
             except OSError as exc:
                 segment_logger.warning("%s: cannot map the control block: %s", self.path, exc.strerror)
-                self._writable = False
+                if exc.errno not in TRANSIENT_ERRNOS:  # (else: asked again next time)
+                    self._writable = False
                 return None
             self._control = SegmentControl(self._buf, self.header)
         return self._control
 
     def writer_alive(self) -> bool:
         """True while the process writing this segment is alive: it holds the
-        segment's lock (one fcntl on the open file), else /proc says so."""
+        segment's lock (one fcntl on the open file), else /proc says so.
+        OSError when /proc could not be read for the moment (no descriptor,
+        no memory): that is no answer, and must not be taken for "ended"."""
         header = self.header
         if self._fd is not None and segment_locked(self._fd):  # (segment.writer_alive, inline)
             return True
-        return process_alive(header.pid, header.start_ticks)
+        if process_alive(header.pid, header.start_ticks):
+            return True
+        return header.start_ticks != 0 and _proc_start_ticks_or_raise(header.pid) == header.start_ticks
 
     def live_sequence(self) -> int:
         """The live statistics' sequence counter: it moves with every record, so
@@ -652,6 +673,7 @@ class SegmentReader:
         attempts: int = 3,
         meta: tuple[int, tuple[int, ...], int, int] | None = None,
         sequence: int | None = None,
+        timeout: float = 1.0,
     ) -> SegmentSnapshot:
         """What ``snapshot(records=False, routes=False, alive=True)`` gives,
         reading only what changed since ``previous`` (a snapshot of this
@@ -662,11 +684,12 @@ class SegmentReader:
         that counter tells whether the block moved. With a writer too busy for
         that, a full snapshot (which can ask it to publish). ``meta``: what
         :meth:`meta` returned just now, and ``sequence`` the
-        :meth:`live_sequence` read after it, when the caller has them."""
+        :meth:`live_sequence` read after it, when the caller has them.
+        ``timeout``: as :meth:`snapshot`'s."""
         closed_ns, control_words, route_count, overflowed = self.meta() if meta is None else meta
         then = previous.blocks
         if not 1 <= route_count <= self._route_slots or len(then) > route_count:
-            return self.snapshot(records=False, routes=False, alive=True)
+            return self.snapshot(records=False, routes=False, alive=True, timeout=timeout)
         for _ in range(attempts):
             seq = self._word(self._live) if sequence is None else sequence
             sequence = None
@@ -686,7 +709,7 @@ class SegmentReader:
                 self._route_keys(route_count),
                 control_words,
             )
-        return self.snapshot(records=False, routes=False, alive=True)
+        return self.snapshot(records=False, routes=False, alive=True, timeout=timeout)
 
     def _read_live(
         self, seq: int, route_count: int, then: tuple[PackedBlock, ...], earlier: Counters | None
@@ -854,52 +877,158 @@ class SegmentReader:
         self, next_index: int, control: ControlState, keys: tuple[RouteKey, ...], now_ns: int
     ) -> tuple[RequestRecord, ...]:
         """The ring's complete records counted in this snapshot, oldest first."""
-        capacity = control.ring_capacity
-        if not 0 < capacity <= self.layout.ring_capacity:  # as the writer reads it
-            capacity = self.layout.ring_capacity
-        lowest = max(next_index - capacity, control.clean_floor, 0)
-        oldest_wall = now_ns - int(control.retention_seconds * 1e9) if control.retention_seconds else 0
-        found = []
-        base = self.layout.ring_offset
-        for first in range(0, self.layout.ring_capacity, RING_CHUNK_SLOTS):
-            slots = min(RING_CHUNK_SLOTS, self.layout.ring_capacity - first)
-            start, end = base + first * L.RECORD_SIZE, base + (first + slots) * L.RECORD_SIZE
-            # Sequence words before, the records, sequence words after: a record
-            # is whole if its sequence word was even and the same both times.
-            before = memoryview(self._read(start, end - start)).cast("Q")
-            data = memoryview(self._read(start, end - start)).cast("Q")
-            after = memoryview(self._read(start, end - start)).cast("Q")
-            for at in range(0, slots * L.RECORD_WORDS, L.RECORD_WORDS):
-                seq = before[at]
-                if seq == 0 or seq & 1 or after[at] != seq:
-                    continue
-                index = seq // 2 - 1
-                if not lowest <= index < next_index:
-                    continue
-                wall_ns = data[at + L.REC_WALL_NS]
-                if wall_ns < oldest_wall:
-                    continue
-                route_id, status, error_kind, flags = L.unpack_record_word(data[at + L.REC_PACKED])
-                found.append(
-                    RequestRecord(
-                        index=index,
-                        wall_ns=wall_ns,
-                        duration_ns=data[at + L.REC_DURATION_NS],
-                        route=keys[route_id] if route_id < len(keys) else keys[L.OVERFLOW_ROUTE_ID],
-                        route_id=route_id,
-                        status=status,
-                        error_kind=_ERROR_KINDS[error_kind]
-                        if error_kind < L.ERROR_KINDS
-                        else L.ErrorKind.OTHER,
-                        bytes_in=data[at + L.REC_BYTES_IN],
-                        bytes_out=data[at + L.REC_BYTES_OUT],
-                        ttfb_ns=data[at + L.REC_TTFB_NS],
-                        slow=bool(flags & L.FLAG_SLOW),
-                        error=bool(flags & L.FLAG_ERROR),
-                    )
-                )
+        found = [
+            record for chunk in self._record_chunks(next_index, control, keys, now_ns) for record in chunk
+        ]
         found.sort(key=lambda record: record.index)
         return tuple(found)
+
+    def _record_chunks(
+        self,
+        next_index: int,
+        control: ControlState,
+        keys: tuple[RouteKey, ...],
+        now_ns: int,
+        start_slot: int = 0,
+    ) -> Iterator[list[RequestRecord]]:
+        """The ring's complete records counted in a snapshot, RING_CHUNK_SLOTS
+        slots at a time from ``start_slot`` round the ring (each chunk's
+        records by index): what is held at once, and how long a step takes,
+        are bounded whatever the ring's size."""
+        capacity = control.ring_capacity
+        ring = self.layout.ring_capacity
+        if not 0 < capacity <= ring:  # as the writer reads it
+            capacity = ring
+        lowest = max(next_index - capacity, control.clean_floor, 0)
+        oldest_wall = now_ns - int(control.retention_seconds * 1e9) if control.retention_seconds else 0
+        start_slot = start_slot if 0 <= start_slot < ring else 0
+        for begin, end in ((start_slot, ring), (0, start_slot)):
+            for first in range(begin, end, RING_CHUNK_SLOTS):
+                slots = min(RING_CHUNK_SLOTS, end - first)
+                found = self._chunk_records(first, slots, lowest, next_index, oldest_wall, keys)
+                found.sort(key=lambda record: record.index)
+                yield found
+
+    def _chunk_records(
+        self,
+        first: int,
+        slots: int,
+        lowest: int,
+        next_index: int,
+        oldest_wall: int,
+        keys: tuple[RouteKey, ...],
+    ) -> list[RequestRecord]:
+        """The complete records of ``slots`` ring slots from ``first`` whose
+        index is in [lowest, next_index) and that ended at ``oldest_wall`` or after."""
+        start = self.layout.ring_offset + first * L.RECORD_SIZE
+        size = slots * L.RECORD_SIZE
+        # Sequence words before, the records, sequence words after: a record
+        # is whole if its sequence word was even and the same both times.
+        before = memoryview(self._read(start, size)).cast("Q")
+        data = memoryview(self._read(start, size)).cast("Q")
+        after = memoryview(self._read(start, size)).cast("Q")
+        found = []
+        for at in range(0, slots * L.RECORD_WORDS, L.RECORD_WORDS):
+            seq = before[at]
+            if seq == 0 or seq & 1 or after[at] != seq:
+                continue
+            index = seq // 2 - 1
+            if not lowest <= index < next_index:
+                continue
+            wall_ns = data[at + L.REC_WALL_NS]
+            if wall_ns < oldest_wall:
+                continue
+            route_id, status, error_kind, flags = L.unpack_record_word(data[at + L.REC_PACKED])
+            found.append(
+                RequestRecord(
+                    index=index,
+                    wall_ns=wall_ns,
+                    duration_ns=data[at + L.REC_DURATION_NS],
+                    route=keys[route_id] if route_id < len(keys) else keys[L.OVERFLOW_ROUTE_ID],
+                    route_id=route_id,
+                    status=status,
+                    error_kind=_ERROR_KINDS[error_kind] if error_kind < L.ERROR_KINDS else L.ErrorKind.OTHER,
+                    bytes_in=data[at + L.REC_BYTES_IN],
+                    bytes_out=data[at + L.REC_BYTES_OUT],
+                    ttfb_ns=data[at + L.REC_TTFB_NS],
+                    slow=bool(flags & L.FLAG_SLOW),
+                    error=bool(flags & L.FLAG_ERROR),
+                )
+            )
+        return found
+
+    def record_chunks(self, snapshot: SegmentSnapshot) -> Iterator[list[RequestRecord]]:
+        """The stored records counted in ``snapshot`` (one of this segment),
+        a chunk of ring slots at a time, oldest first (as the ring holds them:
+        from the slot the writer writes next), each step bounded in time and
+        memory: see :class:`RecordScan`."""
+        cursor = self._word(self._live + L.G_RING_CURSOR * L.WORD)
+        return self._record_chunks(
+            snapshot.counters.requests, snapshot.control, snapshot.route_keys, snapshot.taken_ns, cursor
+        )
+
+
+class RecordScan:
+    """The stored request records of one segment, read a chunk of ring slots
+    at a time (RING_CHUNK_SLOTS slots: a few hundred KB read, a few thousand
+    records made per step), so that reading a ring holds bounded memory and a
+    worker thread for a bounded time per step, whatever the ring's size: a
+    daemon runs each :meth:`next_chunk` in a worker thread, and a large ring
+    never holds the threads every other request needs. The scan opens its own
+    reader (the daemon's may be closed by a tick meanwhile)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 0.1) -> None:
+        """``timeout``: how long to wait for a writer caught inside an update
+        to publish (SegmentBusy after that; a busy writer publishes at once)."""
+        self._reader = SegmentReader(path)
+        try:
+            self.snapshot = self._reader.snapshot(records=False, routes=False, timeout=timeout)
+            self._chunks = self._reader.record_chunks(self.snapshot)
+        except BaseException:
+            self._reader.close()
+            raise
+
+    def next_chunk(self) -> list[RequestRecord] | None:
+        """The next chunk's records (oldest first within it); None when the
+        ring has been read (the file is closed then)."""
+        try:
+            chunk = next(self._chunks, None)
+        except BaseException:
+            self.close()
+            raise
+        if chunk is None:
+            self.close()
+        return chunk
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _proc_start_ticks_or_raise(pid: int) -> int | None:
+    """The start time of ``pid`` (as ``proc_start_ticks``), None if it is gone
+    or a zombie; OSError if /proc could not be read for the moment. Asked only
+    when the cheap way said "gone" (a writer ends once)."""
+    if not 0 < pid < 2**63:
+        return None
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise
+        return None
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    # The command name may hold spaces and parentheses: fields follow the last ')'.
+    fields_ = data[data.rindex(b")") + 2 :].split()
+    return None if fields_[0] in (b"Z", b"X") else int(fields_[19])
 
 
 def _route_stats(words: memoryview, layout: L.SegmentLayout, route_id: int, key: RouteKey) -> RouteStats:

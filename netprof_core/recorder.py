@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import _layout as L
+from ._display import printable
 from ._recorder import core_module, implementation_of
 from .config import ProfilingConfig, load_profiling_config
 from .control import SegmentControl, initial_control, read_control_words
@@ -106,8 +107,8 @@ class Recorder:
 
     def _clean_stale_segments(self) -> None:
         try:
-            remove_stale_segments(self.config.segment_dir)
-        except OSError as exc:
+            remove_stale_segments(self.config.segment_dir, owner=self.config.segment_dir_owner)
+        except Exception as exc:  # noqa: BLE001 - a cleanup that fails never stops the application
             recorder_logger.debug("stale segment cleanup skipped: %s", exc)
 
     def _open_segment(self, control: dict[int, int], created_ns: int | None = None) -> None:
@@ -122,18 +123,23 @@ class Recorder:
         lock_fd: int | None
         try:
             path, buf, lock_fd = create_segment(
-                self.config.segment_dir, self.config.app_name, self.layout, **contents
+                self.config.segment_dir,
+                self.config.app_name,
+                self.layout,
+                owner=self.config.segment_dir_owner,
+                **contents,
             )
-        except (OSError, ValueError) as exc:  # ValueError: a path the OS cannot take
+        except Exception as exc:
+            # Whatever it was (a directory not to be trusted, no space left, a
+            # path the OS cannot take), the application starts regardless.
             if not self.config.graceful_degradation:
                 raise
-            # Profile in private memory: this process still sees its own
-            # statistics, and the application starts regardless.
             recorder_logger.error(
                 "cannot create a segment in %s (%s); profiling in private memory, invisible to netprofd",
                 self.config.segment_dir,
                 exc,
             )
+            # Private, anonymous memory: this process still sees its own statistics.
             path, buf, lock_fd = None, mmap.mmap(-1, self.layout.total_size), None
             format_segment(buf, self.config.app_name, self.layout, **contents)
         self.path = path
@@ -205,16 +211,24 @@ class Recorder:
         self._core.internal_error(exc)
 
     def _log_slow(self, route_id: int, duration_ns: int, status: int, suppressed: int) -> None:
-        direction, method, template = self._route_names[route_id] if route_id < len(self._route_names) else (0, "", "?")
-        recorder_logger.warning(
-            "slow request: %s %s %s took %.3f s (status %d)%s",
-            "outbound" if direction else "inbound",
-            method,
-            template,
-            duration_ns / 1e9,
-            status,
-            f"; {suppressed} more slow requests not logged" if suppressed else "",
-        )
+        """The core's slow-request callback (at most once a second), called
+        inside the request's record(): a handler that fails (a full disk) or
+        raises is not the request's business, so nothing of it goes back."""
+        try:
+            direction, method, template = (
+                self._route_names[route_id] if route_id < len(self._route_names) else (0, "", "?")
+            )
+            recorder_logger.warning(
+                "slow request: %s %s %s took %.3f s (status %d)%s",
+                "outbound" if direction else "inbound",
+                printable(method),  # the app's own log: a name never writes a line or a control
+                printable(template),
+                duration_ns / 1e9,
+                status,
+                f"; {suppressed} more slow requests not logged" if suppressed else "",
+            )
+        except Exception:  # noqa: BLE001, S110 - the log line is lost, the request goes on
+            pass
 
     # -- conveniences -----------------------------------------------------------
 
@@ -273,7 +287,13 @@ class Recorder:
         self.record_admitted = _record_nothing  # type: ignore[assignment]
         self._core.release()
         self._mark_closed()
-        self._buf.close()
+        try:
+            self._buf.close()
+        except BufferError:
+            # Closed by a signal handler inside this thread's own record(): the
+            # pure-Python core lets the mapping go after that update; the
+            # garbage collector unmaps it then.
+            pass
         self._release_lock()
         if remove and self.path is not None:
             self.path.unlink(missing_ok=True)

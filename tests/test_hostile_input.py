@@ -3,12 +3,14 @@ bad values set inside measure(), corrupt shared words, dead writers, FIFOs."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -17,6 +19,7 @@ from netprof_core import (
     Direction,
     ProfilingConfig,
     Recorder,
+    SegmentControl,
     SegmentError,
     read_segment,
     read_segments,
@@ -135,5 +138,29 @@ def test_a_fifo_named_like_a_segment_hangs_nothing(segment_dir: Path, implementa
         assert [s.app_name for s in snapshots] == ["a"]
         with pytest.raises(SegmentError, match="not a regular file"):
             read_segment(fifo)
+    finally:
+        recorder.close(remove=True)
+
+
+def test_a_symlink_named_like_a_segment_is_not_followed(
+    segment_dir: Path, tmp_path: Path, core: ModuleType, implementation: str
+) -> None:
+    """A reader (netprofd may write control blocks with CAP_DAC_OVERRIDE) never
+    opens the file a symlink points to: each core's open, the reader and the
+    control mapping refuse it."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    recorder = Recorder(ProfilingConfig(segment_dir=str(elsewhere), app_name="target"), implementation=implementation)
+    try:
+        link = segment_dir / "intruder-1-1-0.npseg"
+        link.symlink_to(recorder.path)
+        with pytest.raises(OSError) as opened:
+            core.open_segment(str(link), 512)
+        assert opened.value.errno == errno.ELOOP
+        with pytest.raises(SegmentError):
+            read_segment(link)
+        with pytest.raises(SegmentError):
+            SegmentControl.open(link)
+        assert read_segments(segment_dir) == []
     finally:
         recorder.close(remove=True)
