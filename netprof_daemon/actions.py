@@ -77,6 +77,9 @@ class ControlMemory:
         self.enabled: dict[str | None, bool] = {}  # by app; None: every app
         self.retention_seconds: float | None = None
         self.auto_disabled: set[str] = set()  # apps a disable rule stopped, until /enable or reset-errors
+        # Whether a process's identity was verified (store.identity.verified): an
+        # auto-disable reaches no other. None: every process found counts as verified.
+        self.verified: Callable[[ProcessEntry], bool] | None = None
 
     def remember_enabled(self, app: str | None, on: bool) -> None:
         if app is None:
@@ -102,7 +105,7 @@ class ControlMemory:
             actions.append(
                 (SegmentControl.enable if on else SegmentControl.disable, "enable" if on else "disable")
             )
-        if entry.app in self.auto_disabled:
+        if entry.app in self.auto_disabled and (self.verified is None or self.verified(entry)):
             actions.append((SegmentControl.auto_disable, "auto-disable"))
         if self.retention_seconds is not None:
             seconds = self.retention_seconds

@@ -1,24 +1,29 @@
 """The debug HTTP API (aiohttp.web): the deployment guide's calls under
 /api/v1/debug/, plus /metrics and /healthz. Handlers read the daemon's latest
-tick and never block its loop; every error is JSON."""
+tick and never block its loop; every error is JSON (those of aiohttp's own
+parser too: server.py), a client's bad input a 4xx that is not logged."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import gzip_accepted
 
 from netprof_core import Direction, SegmentControl
 
 from . import actions
 from .export import ExportFilter, stream_export
 from .log import api_logger
+from .metrics import Exposition
+from .server import RateLimitedLog
 from .silences import SilenceError
 from .summary import direction_summary, route_summary
 from .windows import parse_window
@@ -26,12 +31,20 @@ from .windows import parse_window
 if TYPE_CHECKING:
     from .daemon import Daemon
 
+# Ticks failing in a row before /healthz says so (one may be a passing fault).
+TICK_FAILURES_UNHEALTHY = 3
+
 __all__ = ("ApiError", "make_app")
 
 PREFIX = "/api/v1/debug"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon", object)  # type: ignore[arg-type]
+EXPOSITION_KEY: web.AppKey[Exposition] = web.AppKey("exposition", Exposition)
 MAX_SLOWEST = 1000
+MAX_BODY = 64 * 1024  # the largest request body (a silence is far smaller)
+
+# A bug of ours that a client can trigger at will must not flood the log.
+_internal_errors = RateLimitedLog(api_logger, "internal errors", level=logging.ERROR)
 
 
 class ApiError(Exception):
@@ -61,21 +74,41 @@ def _json(data: Any, status: int = 200) -> web.Response:
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        return _json_error(exc.status, exc.message, exc.parameter)
+    except ApiError as exc:  # (its message may quote the client: kilobytes are not echoed back)
+        parameter = None if exc.parameter is None else _short(exc.parameter)
+        return _json_error(exc.status, _short(exc.message, 1000), parameter)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = {
-            404: f"no such path: {request.path}",
-            405: f"{request.method} is not allowed on {request.path}",
+            404: f"no such path: {_short(request.path)}",
+            405: f"{request.method} is not allowed on {_short(request.path)}",
+            413: f"the body is larger than {MAX_BODY} bytes",
         }
         return _json_error(exc.status, message.get(exc.status, exc.reason))
     except asyncio.CancelledError:
         raise
-    except Exception:  # noqa: BLE001  (a bug of ours: answer 500, keep serving)
-        api_logger.exception("%s %s failed", request.method, request.path)
+    except Exception as exc:  # noqa: BLE001  (a bug of ours: answer 500, keep serving)
+        _internal_errors("%s %s failed", request.method, _short(request.path), exc_info=exc)
         return _json_error(500, "internal error in netprofd; see its log")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` for a message: a client's kilobytes are not echoed back."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+async def _flush_logs(app: web.Application) -> None:
+    _internal_errors.flush()  # the count of what the last minute did not log one by one
+
+
+@web.middleware
+async def _starting(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Until the first tick is done (and the alert state restored), only
+    /healthz answers; the rest would read what is not there yet."""
+    if request.app[DAEMON_KEY].alerting is None and request.path != "/healthz":
+        raise ApiError(503, "netprofd is starting: it has not read the segments yet; try again in a moment")
+    return await handler(request)
 
 
 def _auth_middleware(key: str | None, metrics_require_auth: bool) -> Callable[..., Any]:
@@ -101,6 +134,30 @@ def _auth_middleware(key: str | None, metrics_require_auth: bool) -> Callable[..
 # -- parameters --------------------------------------------------------------
 
 
+async def read_json_body(request: web.Request) -> Any:
+    """The body as JSON. Bad input is a 400 naming the body, never a 500:
+    nesting too deep for the parser (RecursionError), bytes that are not
+    UTF-8, a charset nobody knows (JSON is UTF-8 whatever the header says).
+    A body that does not arrive within daemon.idle_timeout_seconds is a 408."""
+    deadline = request.app[DAEMON_KEY].config.daemon.idle_timeout_seconds
+    try:
+        raw = await asyncio.wait_for(request.read(), deadline)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the body did not arrive within {deadline:g} s", "body") from None
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a body aiohttp could not read: bad chunking, a cut)
+        raise ApiError(400, f"the body cannot be read: {_short(str(exc))}", "body") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not UTF-8 text (JSON must be)", "body") from None
+    except RecursionError:
+        raise ApiError(400, "the body is JSON nested too deeply", "body") from None
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {_short(str(exc))}", "body") from None
+
+
 def _params(request: web.Request, allowed: tuple[str, ...]) -> Mapping[str, str]:
     for name in request.query:
         if name not in allowed:
@@ -123,7 +180,8 @@ def number_param(
         value: float = int(text) if integer else float(text)
     except ValueError:
         raise ApiError(400, f"{name} must be {kind} from {lo:g} to {hi:g}, got {text!r}", name) from None
-    if not math.isfinite(value) or not lo <= value <= hi:
+    # (an int is compared exactly: one past every float would overflow math.isfinite)
+    if (isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
         raise ApiError(400, f"{name} must be {kind} from {lo:g} to {hi:g}, got {text!r}", name)
     return value
 
@@ -142,19 +200,33 @@ def _app_param(daemon: Daemon, query: Mapping[str, str]) -> str | None:
 async def healthz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
     age = daemon.last_tick_age()
-    healthy = age is not None and age < max(5.0, 5 * daemon.config.daemon.tick_seconds)
-    body = {
-        "status": "ok" if healthy else "stalled",
+    stalled = age is None or age >= max(5.0, 5 * daemon.config.daemon.tick_seconds)
+    # Ticks that run but fail (or cannot list the segments) leave the figures
+    # stale as surely as ticks that stall.
+    failing = daemon.consecutive_tick_failures >= TICK_FAILURES_UNHEALTHY
+    status = "starting" if age is None else "stalled" if stalled else "failing" if failing else "ok"
+    body: dict[str, Any] = {
+        "status": status,
         "ticks": daemon.store.ticks,
         "last_tick_age_seconds": age,
+        "tick_failures": daemon.tick_failures,
     }
-    return _json(body, 200 if healthy else 503)
+    if failing:
+        body["reason"] = daemon.tick_problem
+        body["consecutive_tick_failures"] = daemon.consecutive_tick_failures
+    return _json(body, 503 if stalled or failing else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
-    body = generate_latest(daemon.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """Rendered off the loop, once per tick (see metrics.Exposition); gzipped
+    for a scraper that accepts it (Prometheus does: 20 times fewer bytes)."""
+    exposition = request.app[EXPOSITION_KEY]
+    headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+    # (as prometheus_client's own exporters decide it)
+    if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=await exposition.gzipped(), headers=headers)
+    return web.Response(body=await exposition.text(), headers=headers)
 
 
 async def network_stats(request: web.Request) -> web.Response:
@@ -293,12 +365,7 @@ async def list_silences(request: web.Request) -> web.Response:
 async def create_silence(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
     _params(request, ())
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(
-            400, "the body must be a JSON object: matchers, and duration or ends_at", "body"
-        ) from None
+    body = await read_json_body(request)
     try:
         silence = daemon.add_silence(body)
     except SilenceError as exc:
@@ -317,10 +384,16 @@ async def expire_silence(request: web.Request) -> web.Response:
 
 def make_app(daemon: Daemon, api_key: str | None) -> web.Application:
     app = web.Application(
-        middlewares=[_errors, _auth_middleware(api_key, daemon.config.daemon.metrics_require_auth)],
-        client_max_size=64 * 1024,
+        middlewares=[
+            _errors,
+            _auth_middleware(api_key, daemon.config.daemon.metrics_require_auth),
+            _starting,
+        ],
+        client_max_size=MAX_BODY,
     )
     app[DAEMON_KEY] = daemon
+    app.on_cleanup.append(_flush_logs)
+    app[EXPOSITION_KEY] = Exposition(daemon)
     np = f"{PREFIX}/network-profiling"
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -15,12 +15,15 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from netprof_core import ConfigError
+from netprof_core._display import PrintableFormatter
 
 from . import __version__
 from .config import DaemonConfig, load_daemon_config
 from .daemon import Daemon
+from .directory import UnsafeSegmentDir
 from .notification import Alert, Notification
 from .plugins import NotifierManager
+from .state import StateDirError, check_state_dir
 from .store import StoreLocked
 
 __all__ = ("main", "run")
@@ -61,17 +64,20 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def _api_key(config: DaemonConfig) -> tuple[str | None, str | None]:
-    """(key, None) or (None, why the daemon may not start)."""
+    """(key, None) or (None, why the daemon may not start). What is weak
+    about the key (a file others may read, a short key) is logged."""
     try:
-        key = config.api_key()
+        key = config.read_api_key()
     except ConfigError as exc:
         return None, str(exc)
-    if key is None and config.daemon.require_auth:
+    for warning in key.warnings:
+        logging.getLogger("netprofd").warning("%s", warning)
+    if key.value is None and config.daemon.require_auth:
         return None, (
             f"{config.source}: no API key: set NETPROF_API_KEY or daemon.api_key_file "
             "(or, on a loopback address only, daemon.require_auth = false)"
         )
-    return key, None
+    return key.value, None
 
 
 async def _serve_with_signals(daemon: Daemon) -> None:
@@ -131,9 +137,10 @@ def run(coro_factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    # Names, paths and messages in a line are shown escaped: one record, one line, no control.
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     if not args.config:
         print("netprofd: no config: pass --config FILE or set NETPROF_CONFIG", file=sys.stderr)
         return EXIT_CONFIG
@@ -155,6 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(f"{config.source}: {problem}" for problem in exc.problems), file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
+        try:  # as the daemon will find it (when --check runs as the daemon's user)
+            check_state_dir(config.daemon.state_dir, create=False)
+        except StateDirError as exc:
+            print(f"netprofd: {config.source}: daemon.state_dir: {exc}", file=sys.stderr)
+            manager.close()
+            return EXIT_CONFIG
+        try:  # resolved as the daemon will bind it
+            config.listen_addresses()
+        except ConfigError as exc:
+            print(f"netprofd: {exc}", file=sys.stderr)
+            manager.close()
+            return EXIT_CONFIG
         auth = "bearer key" if key else "no auth (loopback only)"
         print(
             f"{args.config}: OK (listen {config.daemon.listen}, {auth}, segments in {config.profiling.segment_dir}, "
@@ -176,6 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon = Daemon(config, manager, api_key=key)
     try:
         run(lambda: _serve_with_signals(daemon))
+    except UnsafeSegmentDir as exc:  # the deployment must change: as a config error
+        print(f"netprofd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StateDirError as exc:  # the deployment must change: as a config error
+        print(f"netprofd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as exc:  # daemon.listen, resolved at the start, refused
+        print(f"netprofd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except StoreLocked as exc:
         print(f"netprofd: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

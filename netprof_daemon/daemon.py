@@ -10,16 +10,19 @@ installed by the CLI only; the daemon offers ``request_stop()`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import math
 import os
+import resource
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from netprof_core import ConfigError, SegmentControl, SegmentError, read_segment
+from netprof_core import ConfigError, SegmentControl, SegmentError
 
 from . import actions
 from .actions import ActionResult, ControlMemory
@@ -30,9 +33,10 @@ from .log import daemon_logger
 from .metrics import NetprofCollector
 from .plugins import NotifierManager
 from .procstat import ProcessUsage, read_rss_bytes
+from .server import Listener
 from .silences import parse_silence
-from .state import AlertStateStore
-from .store import AppState, SegmentStore
+from .state import AlertStateStore, check_state_dir
+from .store import AppState, SegmentStore, stored_records
 from .summary import quantiles, record_json
 from .systemd import notify, watchdog_interval
 from .windows import WindowHistory
@@ -50,6 +54,7 @@ class Daemon:
         self.store = SegmentStore(config.profiling.segment_dir, config.daemon.state_dir)
         self.memory = ControlMemory()
         self.store.on_discover = self.memory.catch_up
+        self.memory.verified = self.store.identity.verified
         self.history = WindowHistory()
         self.usage = ProcessUsage()
         self.apps: dict[str, AppState] = {}
@@ -59,8 +64,11 @@ class Daemon:
         self.bound: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
         self._reload_wanted = False
-        self._runner: web.AppRunner | None = None
+        self.listener: Listener | None = None  # the HTTP API, once started
         self._last_tick_mono: float | None = None
+        self.tick_failures = 0  # ticks that failed, or could not read what they must
+        self.consecutive_tick_failures = 0
+        self.tick_problem: str | None = None  # why the last tick failed
         self._last_watchdog = 0.0
         self._dispatching: asyncio.Task[None] | None = None
         self._state: AlertStateStore | None = None
@@ -68,33 +76,98 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------
 
     async def serve(self) -> None:
-        await self.startup()
+        """Listen first, then read: a first tick that takes long (or fails)
+        never keeps /healthz from answering, nor the daemon from starting."""
+        first_tick: asyncio.Future[None] | None = None
         try:
+            await self.startup()
+            first_tick = self._start_first_tick()
+            await self._await_first_tick(first_tick)
+            if self._stop.is_set():
+                return
+            self._start_alerting()
+            notify("READY=1", self._status())  # fully up: `systemctl start` returns now
             await self.main_loop()
         finally:
+            if first_tick is not None and not first_tick.done():  # a stop during it: give it a moment
+                await asyncio.wait({first_tick}, timeout=2.0)
             await self.shutdown()
 
     async def startup(self) -> None:
+        """Take the segment directory, check the state directory, listen. The
+        API answers 503 "starting" (and /healthz that no tick ran) until the
+        first tick is done and the alert state restored; then READY=1 (serve())."""
         self.store.lock()
+        check_state_dir(self.config.daemon.state_dir)  # unusable: refused before anything listens
+        settings = self.config.daemon
+        self.listener = Listener(
+            make_app(self, self.api_key),
+            self.config.listen_addresses(),  # bound as they were checked (loopback where no key)
+            max_connections=settings.max_connections,
+            idle_timeout=settings.idle_timeout_seconds,
+        )
+        self.bound = await self.listener.start()
+        daemon_logger.info(
+            "netprofd listening on %s (at most %d connections), reading %s",
+            ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.bound),
+            self.listener.max_connections,
+            self.store.segment_dir,
+        )
+        if self.listener.max_connections < settings.max_connections:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            daemon_logger.warning(
+                "daemon.max_connections = %d lowered to %d, a quarter of the descriptor limit %d "
+                "(LimitNOFILE= in the systemd unit; see docs/DEPLOYMENT.md)",
+                settings.max_connections, self.listener.max_connections, soft,
+            )  # fmt: skip
+
+    def _start_first_tick(self) -> asyncio.Future[None]:
+        """The first tick reads every segment found, and folds every ended
+        process: it may take long. It runs in a thread of its own while the
+        loop answers /healthz; nothing else touches the store meanwhile (the
+        API says "starting"; alerting, with its sqlite connection, starts after)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def run() -> None:
+            try:
+                self.tick()
+            except BaseException as exc:  # noqa: BLE001  (told by /healthz; the loop's ticks go on)
+                daemon_logger.exception("the first tick failed")
+                self._tick_done(f"the first tick failed: {exc!r}")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(finished)
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        threading.Thread(target=run, name="netprofd-first-tick", daemon=True).start()
+        return done
+
+    async def _await_first_tick(self, done: asyncio.Future[None]) -> None:
+        """Until the first tick ends, or a stop. (Before READY=1: systemd's
+        start timeout, not its watchdog, bounds a first tick that never ends.)"""
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        started = time.monotonic()
+        try:
+            await asyncio.wait([done, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if done.done():
+            daemon_logger.info(
+                "first reading done in %.1f s: %d processes",
+                time.monotonic() - started,
+                len(self.store.entries),
+            )
+
+    def _start_alerting(self) -> None:
+        """Restore the alert state and start delivering (on the loop's thread,
+        where the state's sqlite connection lives)."""
         self._state = AlertStateStore(self.config.daemon.state_dir)
         self.alerting = Alerting(self.config, self.manager, self._state, self.memory)
         self._dispatching = asyncio.create_task(self.alerting.dispatcher.run(self._stop))
-        self.tick()
-        self._runner = web.AppRunner(make_app(self, self.api_key), handle_signals=False, access_log=None)
-        await self._runner.setup()
-        settings = self.config.daemon
-        site = web.TCPSite(self._runner, settings.host, settings.port, reuse_address=True)
-        await site.start()
-        server = site._server  # aiohttp keeps the asyncio server private
-        for sock in getattr(server, "sockets", None) or ():
-            self.bound.append(sock.getsockname()[:2])
-        daemon_logger.info(
-            "netprofd listening on %s, reading %s (%d processes)",
-            ", ".join(f"{h}:{p}" for h, p in self.bound),
-            self.store.segment_dir,
-            len(self.store.entries),
-        )
-        notify("READY=1", self._status())
 
     async def main_loop(self) -> None:
         interval = self.config.daemon.tick_seconds
@@ -120,8 +193,8 @@ class Daemon:
     async def shutdown(self) -> None:
         notify("STOPPING=1")
         self._stop.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self.listener is not None:
+            await self.listener.stop()
         if self._dispatching is not None:
             await self._dispatching
         if self.alerting is not None:
@@ -142,16 +215,37 @@ class Daemon:
     # -- one tick ---------------------------------------------------------------
 
     def tick(self) -> None:
-        self._refresh_store()
-        self.apps = self.store.apps()
-        self.history.add(self.store.last_tick_ns, self.apps)
-        self.usage.sample({entry.pid for entry in self.store.live()})
+        """One tick; a failure in it is counted, logged once while it lasts,
+        and told by /healthz (503) after a few in a row (api.TICK_FAILURES_UNHEALTHY)."""
+        problem = self._refresh_store()
+        try:
+            self.apps = self.store.apps()
+            self.history.add(self.store.last_tick_ns, self.apps)
+            self.usage.sample({entry.pid for entry in self.store.live()})
+        except Exception as exc:  # noqa: BLE001  (the next tick tries again; /healthz tells)
+            problem = problem or f"the tick failed: {exc!r}"
+            if not self.consecutive_tick_failures:
+                daemon_logger.exception("the tick failed")
         if self.alerting is not None:
             try:
                 self.alerting.tick(self.apps, self.history, self.store, self.store.last_tick_ns)
-            except Exception:  # noqa: BLE001  (a bug in alerting must not stop the snapshots)
-                daemon_logger.exception("alert evaluation failed; snapshots go on")
+            except Exception as exc:  # noqa: BLE001  (a bug in alerting must not stop the snapshots)
+                problem = problem or f"alert evaluation failed: {exc!r}"
+                if not self.consecutive_tick_failures:
+                    daemon_logger.exception("alert evaluation failed; snapshots go on")
+        self._tick_done(problem)
         self._last_tick_mono = time.monotonic()
+
+    def _tick_done(self, problem: str | None) -> None:
+        if problem is None:
+            if self.consecutive_tick_failures:
+                daemon_logger.info("ticks succeed again after %d failed", self.consecutive_tick_failures)
+            self.consecutive_tick_failures = 0
+            self.tick_problem = None
+            return
+        self.tick_failures += 1
+        self.consecutive_tick_failures += 1
+        self.tick_problem = problem
 
     def last_tick_age(self) -> float | None:
         return None if self._last_tick_mono is None else time.monotonic() - self._last_tick_mono
@@ -241,20 +335,22 @@ class Daemon:
         self._refresh_store()
         self.apps = self.store.apps()
 
-    def _refresh_store(self) -> None:
+    def _refresh_store(self) -> str | None:
+        """Snapshot every segment; why the tick's reading was incomplete, or None."""
         try:
             self.store.refresh()
-        except OSError as exc:  # the directory itself is unreadable: report, keep serving
-            daemon_logger.error("cannot read %s: %s", self.store.segment_dir, exc)
-        except Exception:  # noqa: BLE001  (a bug of ours must not end the daemon)
-            daemon_logger.exception("reading the segments failed; the last snapshots stand")
+        except Exception as exc:  # noqa: BLE001  (a bug of ours must not end the daemon)
+            if not self.consecutive_tick_failures:
+                daemon_logger.exception("reading the segments failed; the last snapshots stand")
+            return f"reading the segments failed: {exc!r}"
+        return self.store.problem  # (logged by the store, once while it lasts)
 
     # -- views, for the API ---------------------------------------------------------
 
     def overhead_by_app(self, seconds: float = 60.0) -> dict[str, float]:
         """Mean ns per timed record() over the last ``seconds``, per app (since
         start when nothing was timed in the window)."""
-        windows = self.history.window(self.apps, self.store.last_tick_ns, seconds, histograms=False)
+        windows = self.history.window(self.apps, self.store.last_tick_ns, seconds, routes=False)
         means = {}
         for name, state in self.apps.items():
             recent = windows[name].counters
@@ -393,17 +489,29 @@ class Daemon:
         ]
 
     def add_silence(self, body: object) -> dict[str, Any]:
+        """SilenceError (a 400 naming the field) for a bad or one too many."""
         alerting, now = self._alerting(), time.time()
-        silence = alerting.engine.add_silence(**parse_silence(body, now))
-        alerting.state.save(alerting.engine)
+        engine = alerting.engine
+        silence = engine.add_silence(**parse_silence(body, now), now=now)
+        try:  # one row: the cost does not grow with the silences kept
+            alerting.state.put_silence(silence, forgotten=engine.prune(now))
+        except Exception:
+            del engine.silences[silence.id]  # not durable: not kept either
+            raise
         return silence.to_json(now)
 
     def expire_silence(self, silence_id: str) -> dict[str, Any] | None:
         alerting, now = self._alerting(), time.time()
+        before = alerting.engine.silences.get(silence_id)
         silence = alerting.engine.expire_silence(silence_id, now)
         if silence is None:
             return None
-        alerting.state.save(alerting.engine)
+        if silence is not before and before is not None:
+            try:
+                alerting.state.put_silence(silence)
+            except Exception:
+                alerting.engine.silences[silence_id] = before
+                raise
         return silence.to_json(now)
 
     async def slowest_records(
@@ -414,12 +522,17 @@ class Daemon:
         found: list[tuple[int, dict[str, Any]]] = []
         for entry in list(self.store.live(app)):
             try:
-                # A reader of its own: the tick may close the entry's meanwhile.
-                snapshot = await asyncio.to_thread(read_segment, entry.path)
+                # A chunk of the ring at a time, in a worker thread (bounded time
+                # and memory per step), the ``count`` slowest kept.
+                async with contextlib.aclosing(stored_records(entry.path)) as chunks:
+                    async for chunk in chunks:
+                        recent = (r for r in chunk if r.wall_ns >= since)
+                        found.extend(
+                            (r.duration_ns, record_json(r, entry.app, entry.pid))
+                            for r in heapq.nlargest(count, recent, key=lambda r: r.duration_ns)
+                        )
+                        found = heapq.nlargest(count, found, key=lambda item: item[0])
             except (SegmentError, OSError, ValueError):
                 continue
-            recent = [r for r in snapshot.records if r.wall_ns >= since]
-            recent.sort(key=lambda r: r.duration_ns, reverse=True)
-            found.extend((r.duration_ns, record_json(r, entry.app, entry.pid)) for r in recent[:count])
         found.sort(key=lambda item: item[0], reverse=True)
         return [row for _, row in found[:count]]

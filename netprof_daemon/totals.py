@@ -9,16 +9,67 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from netprof_core import Direction, Histogram, RouteKey, RouteStats, SegmentSnapshot
-from netprof_core._layout import OVERFLOW_TEMPLATE
+from netprof_core._layout import HIST_BUCKETS, OVERFLOW_TEMPLATE, ROUTE_BLOCK_WORDS
 from netprof_core._recorder import core_module
+from netprof_core.histogram import saturating_add
 from netprof_core.reader import Counters, RouteSums
 
 if TYPE_CHECKING:
-    from netprof_core._recorder_py import replace_blocks
+    from netprof_core._recorder_py import replace_blocks, replace_packed
 else:
-    replace_blocks = core_module().replace_blocks
+    replace_blocks, replace_packed = core_module().replace_blocks, core_module().replace_packed
 
-__all__ = ("CounterTotals", "Totals")
+__all__ = ("CounterTotals", "SumRefused", "Totals")
+
+U64_MAX = (1 << 64) - 1
+# The counters of one writer that only ever grow (consecutive_errors does
+# not: a success or a reset clears it; it is not summed).
+_GROWING = (
+    "requests",
+    "sampled_out",
+    "disabled_calls",
+    "internal_errors",
+    "auto_disable_events",
+    "overflowed_routes",
+    "overhead_count",
+    "overhead_sum_ns",
+    "overhead_max_ns",
+)
+
+
+class SumRefused(ValueError):
+    """A process's figures that the sums cannot take: a counter of one writer
+    went backwards between two snapshots ("backwards"), a sum would pass
+    2**64 - 1 ("overflow"), or figures to take away were never added
+    ("unsubtractable"). Raised before anything changed."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{detail}: {_REFUSALS.get(reason, reason)}")
+        self.reason = reason
+        self.detail = detail
+
+
+_REFUSALS = {
+    "backwards": "a counter went backwards",
+    "overflow": "a sum would pass 2**64 - 1",
+    "unsubtractable": "figures to take away were never added",
+}
+
+
+def check_forward(old: SegmentSnapshot, new: SegmentSnapshot) -> None:
+    """SumRefused unless every counter of ``new`` is at least what it was in
+    ``old`` (two snapshots of one segment, in order) and its route table did
+    not shrink. The route blocks' and histogram's words are checked as they
+    are swapped in (replace_blocks, replace_packed)."""
+    then, now = old.counters, new.counters
+    for name in _GROWING:
+        before, after = getattr(then, name), getattr(now, name)
+        if after < before:
+            raise SumRefused("backwards", f"its {name} went from {before} to {after}")
+    if len(new.blocks) < len(old.blocks):
+        raise SumRefused(
+            "backwards", f"its route table went from {len(old.blocks)} to {len(new.blocks)} routes"
+        )
 
 
 @dataclass(slots=True)
@@ -36,44 +87,46 @@ class CounterTotals:
     overhead_max_ns: int = 0
     overhead_histogram: Histogram = field(default_factory=Histogram)
 
-    def add_snapshot(self, snapshot: SegmentSnapshot, sign: int = 1) -> None:
-        """Add a process's counters (``sign=-1``: take them away again; the
-        maximum stays, it is the largest ever seen)."""
-        c = snapshot.counters
-        self.requests += sign * c.requests
-        self.sampled_out += sign * c.sampled_out
-        self.disabled_calls += sign * c.disabled_calls
-        self.internal_errors += sign * c.internal_errors
-        self.auto_disable_events += sign * c.auto_disable_events
-        self.overflowed_routes += sign * c.overflowed_routes
-        self.overhead_count += sign * c.overhead_count
-        self.overhead_sum_ns += sign * c.overhead_sum_ns
-        self.overhead_max_ns = max(self.overhead_max_ns, c.overhead_max_ns)
-        if c.overhead_count == 0:
-            return  # an empty histogram: nothing to add or take away
-        if sign > 0:
-            c.overhead_histogram.add_to(self.overhead_histogram.counts)
-        elif not c.overhead_histogram.subtract_from(self.overhead_histogram.counts):
-            raise ValueError("subtracting counters that were never added")
-
-    def replace_snapshot(self, old: SegmentSnapshot, new: SegmentSnapshot) -> None:
-        """Swap a process's earlier counters for its new ones; the overhead
-        histogram (the costly part) only when a record was timed in between."""
-        if old.counters.overhead_count == new.counters.overhead_count:
-            self.add_scalars(new.counters, old.counters)
-        else:
-            self.add_snapshot(old, -1)
-            self.add_snapshot(new)
-
-    def add_scalars(self, now: Counters, then: Counters) -> None:
-        self.requests += now.requests - then.requests
-        self.sampled_out += now.sampled_out - then.sampled_out
-        self.disabled_calls += now.disabled_calls - then.disabled_calls
-        self.internal_errors += now.internal_errors - then.internal_errors
-        self.auto_disable_events += now.auto_disable_events - then.auto_disable_events
-        self.overflowed_routes += now.overflowed_routes - then.overflowed_routes
-        self.overhead_sum_ns += now.overhead_sum_ns - then.overhead_sum_ns
+    def add_scalars(self, now: Counters, then: Counters | None = None, sign: int = 1) -> None:
+        """Add ``sign * (now - then)`` to the counters (Python ints: exact); the
+        maximum only grows (the largest ever seen)."""
+        for name in _GROWING[:-1]:
+            delta = getattr(now, name) - (getattr(then, name) if then is not None else 0)
+            setattr(self, name, getattr(self, name) + sign * delta)
         self.overhead_max_ns = max(self.overhead_max_ns, now.overhead_max_ns)
+
+    def add_histogram(self, counters: Counters, *, saturate: bool) -> None:
+        """Add a process's overhead histogram: SumRefused if a bucket would pass
+        2**64 - 1, unless ``saturate`` (then it stays there)."""
+        if counters.overhead_count == 0:
+            return  # an empty histogram: nothing to add
+        if counters.overhead_histogram.add_to(self.overhead_histogram.counts):
+            return
+        if not saturate:
+            raise SumRefused("overflow", "its overhead histogram")
+        saturating_add(self.overhead_histogram.counts, counters.overhead_histogram.counts)
+
+    def subtract_histogram(self, counters: Counters) -> None:
+        if counters.overhead_count and not counters.overhead_histogram.subtract_from(
+            self.overhead_histogram.counts
+        ):
+            raise SumRefused("unsubtractable", "its overhead histogram")
+
+    def replace_histogram(self, old: Counters, new: Counters, *, check: bool = True) -> bool:
+        """Swap a process's overhead histogram (only when a record was timed in
+        between: the costly part); whether it moved. SumRefused as
+        replace_packed refuses (``check``: a bucket going down is refused too)."""
+        if old.overhead_count == new.overhead_count:
+            return False
+        refused = replace_packed(
+            self.overhead_histogram.counts,
+            old.overhead_histogram.packed() if old.overhead_count else None,
+            new.overhead_histogram.packed() if new.overhead_count else None,
+            check,
+        )
+        if refused is not None:
+            raise SumRefused(refused, "its overhead histogram")
+        return True
 
     def add(self, other: CounterTotals) -> None:
         for f in fields(self):
@@ -120,21 +173,54 @@ class Totals:
         default_factory=dict, repr=False, compare=False
     )
 
-    def add_snapshot(self, snapshot: SegmentSnapshot) -> None:
-        self.counters.add_snapshot(snapshot)
-        replace_blocks((), snapshot.blocks, self._route_sums(snapshot.route_keys))
+    def add_snapshot(self, snapshot: SegmentSnapshot, *, saturate: bool = False) -> None:
+        """Add a process's figures. SumRefused, nothing changed, if a sum would
+        pass 2**64 - 1, unless ``saturate``: for sums that are only ever added
+        to (retired totals), where such a sum stays at 2**64 - 1."""
+        counters, c = self.counters, snapshot.counters
+        counters.add_histogram(c, saturate=saturate)
+        sums = self._route_sums(snapshot.route_keys)
+        refused = replace_blocks((), snapshot.blocks, sums)
+        if refused is not None:
+            if not saturate:
+                counters.subtract_histogram(c)
+                route, reason = refused
+                raise SumRefused(reason, f"route {sums[route].key}")
+            for block, route_sums in zip(snapshot.blocks, sums):
+                route_sums.add_block(block)  # (saturating where it must)
+        counters.add_scalars(c)
 
     def subtract_snapshot(self, snapshot: SegmentSnapshot) -> None:
-        self.counters.add_snapshot(snapshot, -1)
-        replace_blocks(snapshot.blocks, (), self._route_sums(snapshot.route_keys))
+        """Take away a process's figures added before (the maximum stays: the
+        largest ever seen); SumRefused, nothing changed, if they never were."""
+        counters, c = self.counters, snapshot.counters
+        counters.subtract_histogram(c)
+        sums = self._route_sums(snapshot.route_keys)
+        refused = replace_blocks(snapshot.blocks, (), sums)
+        if refused is not None:
+            counters.add_histogram(c, saturate=True)  # back as it was (it fitted)
+            route, reason = refused
+            raise SumRefused(reason, f"route {sums[route].key}")
+        counters.add_scalars(c, sign=-1)
 
     def replace_snapshot(self, old: SegmentSnapshot, new: SegmentSnapshot) -> None:
         """Swap a process's earlier snapshot for its new one, touching only the
         routes that recorded in between (a route block changes only with its
-        count; refresh() shares the blocks of routes that did not move)."""
-        self.counters.replace_snapshot(old, new)
-        # The routes of the new snapshot (a route table never shrinks).
-        replace_blocks(old.blocks[: len(new.blocks)], new.blocks, self._route_sums(new.route_keys))
+        count; refresh() shares the blocks of routes that did not move).
+        SumRefused, nothing changed, if a counter of the process went
+        backwards or a sum would pass 2**64 - 1."""
+        check_forward(old, new)
+        counters = self.counters
+        moved = counters.replace_histogram(old.counters, new.counters)
+        # The routes of the new snapshot (a route table never shrinks: checked).
+        sums = self._route_sums(new.route_keys)
+        refused = replace_blocks(old.blocks, new.blocks, sums)
+        if refused is not None:
+            if moved:
+                counters.replace_histogram(new.counters, old.counters, check=False)
+            route, reason = refused
+            raise SumRefused(reason, f"route {sums[route].key}")
+        counters.add_scalars(new.counters, old.counters)
 
     def _route_sums(self, keys: tuple[RouteKey, ...]) -> list[RouteSums]:
         found = self._by_table.get(id(keys))
@@ -192,15 +278,38 @@ class Totals:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Totals:
+        """The totals :meth:`to_json` saved; ValueError naming what is wrong."""
         raw = dict(data["counters"])
-        overhead = Histogram(max_ns=raw.get("overhead_max_ns"))
+        overhead = Histogram(max_ns=_u64(raw.get("overhead_max_ns", 0), "overhead_max_ns"))
         for index, count in raw.pop("overhead_histogram"):
-            overhead.counts[index] = count
-        totals = cls(CounterTotals(**raw, overhead_histogram=overhead))
+            overhead.counts[_index(index, HIST_BUCKETS)] = _u64(count, "overhead_histogram")
+        unknown = raw.keys() - {f.name for f in fields(CounterTotals)}
+        if unknown:
+            raise ValueError(f"unknown counters {sorted(unknown)}")
+        scalars = {name: _count(value, name) for name, value in raw.items()}
+        totals = cls(CounterTotals(**scalars, overhead_histogram=overhead))
         for route in data["routes"]:
-            key = RouteKey(Direction(route["direction"]), route["method"], route["template"])
+            key = RouteKey(Direction(route["direction"]), str(route["method"]), str(route["template"]))
             sums = totals.sums[key] = RouteSums(key)
-            sums.max_ns = int(route["max_ns"])
+            sums.max_ns = _u64(route["max_ns"], f"{key} max_ns")
             for index, word in route["words"]:
-                sums.words[index] = word
+                sums.words[_index(index, ROUTE_BLOCK_WORDS)] = _u64(word, f"{key} words")
         return totals
+
+
+def _count(value: object, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{what}: {value!r} is not a count")
+    return value
+
+
+def _u64(value: object, what: str) -> int:
+    if _count(value, what) > U64_MAX:
+        raise ValueError(f"{what}: {value!r} is past 2**64 - 1")
+    return value  # type: ignore[return-value]
+
+
+def _index(value: object, size: int) -> int:
+    if type(value) is not int or not 0 <= value < size:
+        raise ValueError(f"index {value!r} out of range for {size} words")
+    return value

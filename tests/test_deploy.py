@@ -106,6 +106,8 @@ def test_unit_runs_the_daemon_as_a_notify_service_with_a_watchdog() -> None:
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
         "SystemCallFilter": "@system-service",
         "UMask": "0027",
+        # Descriptors for the segments (two each) and the capped connections (docs/DEPLOYMENT.md).
+        "LimitNOFILE": "8192",
     }
     assert {key: service.get(key, [None])[-1] for key in expect} == expect
     # The segment directory stays writable ("-": it may not exist yet at start).

@@ -52,6 +52,19 @@ def write_daemon_config(
     return path
 
 
+def rule_toml(name: str, metric: str, op: str, threshold: float, **fields: object) -> str:
+    """A ``[[rules]]`` table, for ``extra``; ``fields`` are its other keys (``for``: ``**{"for": "1s"}``)."""
+    lines = [
+        "[[rules]]",
+        f'name = "{name}"',
+        f'metric = "{metric}"',
+        f'op = "{op}"',
+        f"threshold = {threshold}",
+    ]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
 def daemon_env(api_key: str | None = API_KEY, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("NETPROF_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -101,7 +114,8 @@ class Netprofd:
     def fail(self, message: str) -> ServerError:
         return ServerError(f"{message}\n--- netprofd log (tail) ---\n{self.log()[-6000:]}")
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the process, without waiting for it to answer."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 netprofd_argv(self.config),
@@ -111,6 +125,11 @@ class Netprofd:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def start(self) -> None:
+        """Start the process; return once /healthz answers 200."""
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
