@@ -6,14 +6,29 @@ The guide's alert rules use ``network_profiling_memory_mb``,
 so those names stay as printed (the auto-disable count is a gauge: as a
 counter, prometheus_client would expose it as ``..._total``). Base-unit twins
 (``_bytes``, ``_seconds``) sit beside them for users who follow Prometheus naming.
+
+The exposition (:class:`Exposition`) never runs on the event loop: with
+thousands of routes it is megabytes of text and seconds of Python. The
+per-route families are rendered in a worker thread from the tick's routes
+(which nothing changes once a tick made them); the few other families, which
+read state the loop changes, are taken on the loop first. One render at a time,
+at most one per tick, kept gzipped: scrapes at the same tick share it, and a
+scrape during a render waits for that one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import gzip
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from netprof_core import ErrorKind, Histogram
@@ -23,61 +38,229 @@ from .summary import STATUS_CLASS_NAMES
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .store import AppState
 
-__all__ = ("BUCKETS_SECONDS", "NetprofCollector")
+__all__ = ("BUCKETS_SECONDS", "Exposition", "NetprofCollector", "route_families")
 
 # The exposed duration buckets. Each bound falls inside one of the segment's
 # log-linear buckets, which is counted below it: a bound is exact to within
 # that bucket's width (1/64 of its value, 1.6 %).
 BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BUCKET_LAST_INDEX = tuple(bucket_index(int(bound * 1e9)) for bound in BUCKETS_SECONDS)
+BUCKET_NAMES = (*(repr(bound) for bound in BUCKETS_SECONDS), "+Inf")
 _ROUTE_LABELS = ["app", "route", "method", "direction"]
+GZIP_LEVEL = 1  # metrics text shrinks 20-fold even so, at a few ms per MB
+ROUTES_PER_CHUNK = 512  # a render holds one family's samples of this many routes at once
 
 
-def prometheus_buckets(histogram: Histogram) -> list[tuple[str, float]]:
-    """Cumulative counts at BUCKETS_SECONDS and +Inf."""
+def prometheus_buckets(histogram: Histogram) -> tuple[float, ...]:
+    """Cumulative counts at BUCKETS_SECONDS and +Inf (the bounds: BUCKET_NAMES)."""
     cumulative = []
     seen = 0
     index_at = 0
     counts = histogram.counts
-    for bound, last in zip(BUCKETS_SECONDS, _BUCKET_LAST_INDEX):
+    for last in _BUCKET_LAST_INDEX:
         seen += sum(counts[index_at : last + 1])
         index_at = last + 1
-        cumulative.append((repr(bound), float(seen)))
-    cumulative.append(("+Inf", float(histogram.count)))
-    return cumulative
+        cumulative.append(float(seen))
+    cumulative.append(float(histogram.count))
+    return tuple(cumulative)
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteRow:
+    """What the per-route families show of one route. Taken from the tick's
+    statistics first, so that a render formatting for seconds does not keep
+    them (17 KB a route) while the ticks make newer ones."""
+
+    labels: list[str]
+    status_classes: tuple[int, ...]
+    error_kinds: tuple[int, ...]
+    slow: int
+    bytes_in: int
+    bytes_out: int
+    buckets: tuple[float, ...]  # cumulative, at BUCKET_NAMES
+    sum_seconds: float
+
+
+def _route_rows(apps: Mapping[str, AppState]) -> list[_RouteRow]:
+    """Every route of ``apps``, in the order they are shown."""
+    return [
+        _RouteRow(
+            [name, key.template, key.method, key.direction.name.lower()],
+            route.status_classes,
+            route.error_kinds,
+            route.slow,
+            route.bytes_in,
+            route.bytes_out,
+            prometheus_buckets(route.histogram),
+            route.sum_ns / 1e9,
+        )
+        for name, state in sorted(apps.items())
+        for key, route in sorted(state.routes.items(), key=lambda item: str(item[0]))
+    ]
+
+
+def route_families(apps: Mapping[str, AppState]) -> Iterator[Metric]:
+    """The per-route families, each built when the one before has been taken."""
+    rows = _route_rows(apps)
+    for build in _ROUTE_FAMILIES:
+        yield build(rows)
+
+
+def _requests(rows: list[_RouteRow]) -> Metric:
+    family = CounterMetricFamily(
+        "network_profiling_requests", "Requests recorded", labels=[*_ROUTE_LABELS, "status"]
+    )
+    for row in rows:
+        for status, count in zip(STATUS_CLASS_NAMES, row.status_classes):
+            if count:
+                family.add_metric([*row.labels, status], count)
+    return family
+
+
+def _errors(rows: list[_RouteRow]) -> Metric:
+    family = CounterMetricFamily(
+        "network_profiling_request_errors",
+        "Failed requests by kind of failure",
+        labels=[*_ROUTE_LABELS, "kind"],
+    )
+    for row in rows:
+        for kind, count in zip(ErrorKind, row.error_kinds):
+            if count:
+                family.add_metric([*row.labels, kind.name.lower()], count)
+    return family
+
+
+def _slow(rows: list[_RouteRow]) -> Metric:
+    family = CounterMetricFamily(
+        "network_profiling_slow_requests", "Requests slower than slow_request_threshold", labels=_ROUTE_LABELS
+    )
+    for row in rows:
+        family.add_metric(row.labels, row.slow)
+    return family
+
+
+def _transferred(rows: list[_RouteRow]) -> Metric:
+    family = CounterMetricFamily(
+        "network_profiling_transferred_bytes",
+        "Body bytes received (in) and sent (out)",
+        labels=[*_ROUTE_LABELS, "flow"],
+    )
+    for row in rows:
+        family.add_metric([*row.labels, "in"], row.bytes_in)
+        family.add_metric([*row.labels, "out"], row.bytes_out)
+    return family
+
+
+def _durations(rows: list[_RouteRow]) -> Metric:
+    family = HistogramMetricFamily(
+        "network_profiling_request_duration_seconds", "Request durations", labels=_ROUTE_LABELS, unit=""
+    )
+    for row in rows:
+        family.add_metric(row.labels, list(zip(BUCKET_NAMES, row.buckets)), row.sum_seconds)
+    return family
+
+
+class _Families(Collector):
+    """Families already made (or made as they are taken), as generate_latest wants them."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def render_gzipped(apps: list[dict[str, AppState]], families: list[Metric]) -> bytes:
+    """The exposition text of the per-route families of the applications
+    ``apps`` holds (taken out of it, and let go once their rows are made) and
+    of ``families``, gzipped. The per-route families are rendered
+    ROUTES_PER_CHUNK routes at a time, a family's later chunks without its HELP
+    and TYPE lines: the text is generate_latest's for the whole families, while
+    what is held at once stays small whatever the number of routes. It reads
+    nothing but the routes of the applications, which a tick makes and nothing
+    changes after: this runs in a worker thread while the loop ticks on."""
+    rows = _route_rows(apps.pop())
+    gz = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # (16+: a gzip stream)
+    parts = []
+    for build in _ROUTE_FAMILIES:
+        for start in range(0, max(1, len(rows)), ROUTES_PER_CHUNK):
+            text = generate_latest(_Families([build(rows[start : start + ROUTES_PER_CHUNK])]))
+            parts.append(gz.compress(text if start == 0 else _samples_only(text)))
+    parts.append(gz.compress(generate_latest(_Families(families))))
+    parts.append(gz.flush())
+    return b"".join(parts)
+
+
+def _samples_only(text: bytes) -> bytes:
+    """A family's exposition text without its first two lines (# HELP, # TYPE)."""
+    help_line, type_line, samples = text.split(b"\n", 2)
+    if not (help_line.startswith(b"# HELP ") and type_line.startswith(b"# TYPE ")):
+        raise ValueError(f"not a family's exposition: {text[:200]!r}")
+    return samples
+
+
+_ROUTE_FAMILIES = (_requests, _errors, _slow, _transferred, _durations)
+
+
+class Exposition:
+    """The /metrics body: rendered off the loop, at most once per tick, one
+    render at a time (a scrape during a render waits for it and gets it: a
+    burst of scrapes costs one render), kept gzipped until the next tick."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._others = NetprofCollector(daemon, routes=False)
+        self._kept: tuple[tuple[int, int], bytes] | None = None  # (tick, apps) -> gzipped body
+        self._rendering: asyncio.Future[bytes] | None = None
+        # One thread of its own: one malloc arena (each thread that allocates
+        # gets its own, and keeps its high-water mark), one render at a time.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="netprofd-metrics")
+        self.renders = 0
+
+    async def gzipped(self) -> bytes:
+        daemon = self.daemon
+        key = (daemon.store.ticks, id(daemon.apps))
+        if self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+        if self._rendering is None:
+            self._rendering = asyncio.ensure_future(self._render(key))
+        # Shielded: a scraper that goes away does not cancel the render the others wait for.
+        return await asyncio.shield(self._rendering)
+
+    async def text(self) -> bytes:
+        body = await self.gzipped()
+        return await asyncio.get_running_loop().run_in_executor(self._thread, gzip.decompress, body)
+
+    async def _render(self, key: tuple[int, int]) -> bytes:
+        try:
+            others = list(self._others.collect())  # on the loop: they read what it changes
+            loop = asyncio.get_running_loop()
+            # (the apps in a list the render empties: nothing here keeps them while it formats)
+            body = await loop.run_in_executor(self._thread, render_gzipped, [self.daemon.apps], others)
+            self._kept = (key, body)
+            self.renders += 1
+            return body
+        finally:
+            self._rendering = None
 
 
 class NetprofCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    """Every family when ``routes`` (the default); without the per-route ones
+    when not (what :class:`Exposition` takes on the loop)."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+    def __init__(self, daemon: Daemon, *, routes: bool = True) -> None:
+        self.daemon = daemon
+        self.routes = routes
+
+    def collect(self) -> Iterator[Metric]:
         daemon = self.daemon
         apps = daemon.apps
         overhead_now = daemon.overhead_by_app()
+        if self.routes:
+            yield from route_families(apps)
 
-        requests = CounterMetricFamily(
-            "network_profiling_requests", "Requests recorded", labels=[*_ROUTE_LABELS, "status"]
-        )
-        errors = CounterMetricFamily(
-            "network_profiling_request_errors",
-            "Failed requests by kind of failure",
-            labels=[*_ROUTE_LABELS, "kind"],
-        )
-        slow = CounterMetricFamily(
-            "network_profiling_slow_requests",
-            "Requests slower than slow_request_threshold",
-            labels=_ROUTE_LABELS,
-        )
-        transferred = CounterMetricFamily(
-            "network_profiling_transferred_bytes",
-            "Body bytes received (in) and sent (out)",
-            labels=[*_ROUTE_LABELS, "flow"],
-        )
-        durations = HistogramMetricFamily(
-            "network_profiling_request_duration_seconds", "Request durations", labels=_ROUTE_LABELS, unit=""
-        )
         memory_mb = GaugeMetricFamily(
             "network_profiling_memory_mb", "Shared memory of the live segments, MiB", labels=["app"]
         )
@@ -118,18 +301,6 @@ class NetprofCollector(Collector):
         )
 
         for name, state in sorted(apps.items()):
-            for key, route in sorted(state.routes.items(), key=lambda item: str(item[0])):
-                labels = [name, key.template, key.method, key.direction.name.lower()]
-                for status, count in zip(STATUS_CLASS_NAMES, route.status_classes):
-                    if count:
-                        requests.add_metric([*labels, status], count)
-                for kind, count in zip(ErrorKind, route.error_kinds):
-                    if count:
-                        errors.add_metric([*labels, kind.name.lower()], count)
-                slow.add_metric(labels, route.slow)
-                transferred.add_metric([*labels, "in"], route.bytes_in)
-                transferred.add_metric([*labels, "out"], route.bytes_out)
-                durations.add_metric(labels, prometheus_buckets(route.histogram), route.sum_ns / 1e9)
             memory = sum(entry.snapshot.memory_bytes for entry in state.processes)
             memory_mb.add_metric([name], memory / 2**20)
             memory_bytes.add_metric([name], memory)
@@ -147,7 +318,6 @@ class NetprofCollector(Collector):
             enabled.add_metric([name], sum(e.snapshot.control.recording for e in state.processes))
             processes.add_metric([name], len(state.processes))
 
-        yield from (requests, errors, slow, transferred, durations)
         yield from (memory_mb, memory_bytes, overhead_ms, overhead_seconds, auto_disables)
         yield from (internal_errors, sampled_out, consecutive, enabled, processes)
         yield from self._alerting()
@@ -159,6 +329,75 @@ class NetprofCollector(Collector):
         )
         tick.add_metric([], daemon.store.last_tick_seconds)
         yield tick
+        yield from self._windows()
+        yield from self._store_health()
+        if daemon.listener is not None:  # the HTTP connections, their cap, malformed requests (server.py)
+            yield from daemon.listener.collect()
+
+    def _windows(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The windows' memory and reach (their budget: see windows.py)."""
+        history = self.daemon.history
+        yield GaugeMetricFamily(
+            "netprofd_window_memory_bytes",
+            "What the 1m/5m/15m windows' checkpoints hold, about",
+            value=history.nbytes,
+        )
+        yield GaugeMetricFamily(
+            "netprofd_window_covered_seconds",
+            "The longest span a window can cover now (15m and more when whole)",
+            value=history.covered_seconds,
+        )
+        yield CounterMetricFamily(
+            "netprofd_window_checkpoints_trimmed",
+            "Checkpoints dropped early to keep the windows within budget",
+            value=history.trimmed,
+        )
+
+    def _store_health(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """What the store could not read, or would not trust (issue 15: the figures never lie)."""
+        daemon, store = self.daemon, self.daemon.store
+        yield CounterMetricFamily(
+            "netprofd_tick_failures",
+            "Ticks that failed, or could not list the segments (see /healthz)",
+            value=daemon.tick_failures,
+        )
+        yield GaugeMetricFamily(
+            "netprofd_segments_quarantined",
+            "Segments no longer read because their figures could not be trusted (last good figures kept)",
+            value=len(store.quarantined),
+        )
+        yield GaugeMetricFamily(
+            "netprofd_segments_refused",
+            "Files in the segment directory refused as segments",
+            value=store.refused_count,
+        )
+        errors = CounterMetricFamily(
+            "netprofd_segment_errors",
+            "Segments refused or quarantined, by reason (refused, identity, unreadable, backwards, overflow, "
+            "unsubtractable)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(store.segment_errors.items()):
+            errors.add_metric([reason], count)
+        yield errors
+        transient = CounterMetricFamily(
+            "netprofd_transient_errors",
+            "Operations that failed and are retried at the next tick, what was known standing meanwhile",
+            labels=["operation"],
+        )
+        for operation, count in sorted(store.transient_errors.items()):
+            transient.add_metric([operation], count)
+        yield transient
+        yield CounterMetricFamily(
+            "netprofd_state_save_failures",
+            "Failed saves of the retired totals (retried at each tick)",
+            value=store.save_failures,
+        )
+        yield GaugeMetricFamily(
+            "netprofd_segments_awaiting_save",
+            "Ended segments kept until their folded totals are saved",
+            value=len(store.awaiting_save),
+        )
 
     def _alerting(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         alerting = self.daemon.alerting

@@ -12,7 +12,7 @@ import pytest
 from netprof_core import Histogram, Recorder
 from netprof_daemon.store import SegmentStore
 from netprof_daemon.summary import quantiles, route_summary
-from netprof_daemon.windows import COARSE_SPACING, FINE_SECONDS, WindowHistory, parse_window
+from netprof_daemon.windows import COARSE_SPACING, FINE_SECONDS, FINE_SPACING, WindowHistory, parse_window
 
 S = 1_000_000_000  # ns
 
@@ -77,15 +77,15 @@ def test_a_window_longer_than_the_history_covers_what_there_is(
 
 def test_checkpoints_thin_out_and_expire() -> None:
     history = WindowHistory()
-    for second in range(1200):
+    for second in range(1200):  # a tick a second: one checkpoint per FINE_SPACING, not per tick
         history.add(second * S, {})
-    fine = FINE_SECONDS + 1
+    fine = FINE_SECONDS / FINE_SPACING + 1
     coarse = (900 + 2 * COARSE_SPACING - FINE_SECONDS) / COARSE_SPACING
     assert len(history) <= fine + coarse + 1
     assert len(history) >= fine
 
 
-def test_unchanged_routes_share_their_checkpoint(
+def test_unchanged_routes_keep_no_histogram_again(
     make_recorder: Callable[..., Recorder], segment_dir: Path
 ) -> None:
     recorder = make_recorder(app_name="idle")
@@ -94,10 +94,9 @@ def test_unchanged_routes_share_their_checkpoint(
     history = WindowHistory()
     store.refresh()
     for second in range(3):
-        history.add(second * S, store.apps())
-    marks = [checkpoint.routes["idle"] for checkpoint in history._fine]
-    keys = list(marks[0])
-    assert all(marks[0][k] is marks[2][k] for k in keys)  # the same object: no extra memory
+        history.add(second * int(FINE_SPACING * S), store.apps())
+    changes = [checkpoint.apps["idle"].changes for checkpoint in history._fine]
+    assert len(changes[0]) == 1 and changes[1:] == [{}, {}]  # no histogram kept again: no extra memory
     store.close()
 
 
