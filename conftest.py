@@ -33,9 +33,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not config.getoption("--no-c-extensions"):
         return
     skip = pytest.mark.skip(reason="--no-c-extensions / NETPROF_NO_EXTENSIONS")
+    # What does not depend on the core (the HTTP layer, alerting, the
+    # scripts) runs once, in the accelerated install: the pure-Python run
+    # is for what the cores do differently.
+    once = pytest.mark.skip(reason="any_core: the same with either core; run in the accelerated install")
     for item in items:
         if "c_extension" in item.keywords:
             item.add_marker(skip)
+        elif "any_core" in item.keywords:
+            item.add_marker(once)
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

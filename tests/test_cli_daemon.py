@@ -110,6 +110,7 @@ def _demo_leftovers() -> set[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.any_core  # (the demo runs the accelerated core; CI runs it once more as the README does)
 def test_the_demo_shows_an_alert_fire_and_resolve_and_leaves_nothing_behind() -> None:
     before = _demo_leftovers()
     done = netprof("demo", "--duration", "24", "--concurrency", "6", key=None, timeout=120)
