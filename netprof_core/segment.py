@@ -384,7 +384,7 @@ def _not_a_directory(name: str) -> str | None:
     except OSError:
         return None
     if stat.S_ISLNK(info.st_mode):
-        return f"is a symbolic link, owned by {_user_name(info.st_uid)}: not followed"
+        return f"is a symbolic link, owned by {user_name(info.st_uid)}: not followed"
     return "is not a directory"
 
 
@@ -397,8 +397,8 @@ def _check_directory(name: str, info: os.stat_result, owner: str) -> None:
     if info.st_uid not in (0, os.geteuid()) and info.st_uid != _owner_uid(owner):
         raise UnsafeSegmentDirectory(
             name,
-            f"is owned by {_user_name(info.st_uid)}, not by root, this process's user "
-            f"({_user_name(os.geteuid())}) or segment_dir_owner ({owner}): another user may have made it",
+            f"is owned by {user_name(info.st_uid)}, not by root, this process's user "
+            f"({user_name(os.geteuid())}) or segment_dir_owner ({owner}): another user may have made it",
         )
 
 
@@ -415,7 +415,8 @@ def _owner_uid(owner: str) -> int | None:
     return _owner_uids[owner]
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
+    """``uid 1000 (alice)`` for a log line or an error; the number alone for an unknown uid."""
     try:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:

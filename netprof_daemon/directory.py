@@ -15,12 +15,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import pwd
 import stat
 from pathlib import Path
 
 from netprof_core._layout import DAEMON_LOCK_NAME
-from netprof_core.segment import flock_holders
+from netprof_core.segment import flock_holders, user_name
 
 from .log import store_logger
 
@@ -45,12 +44,6 @@ class LockHeld(Exception):
         self.path = path
         self.holders = holders  # (pid, its uid), None when the lock table cannot be read
 
-
-def user_name(uid: int) -> str:
-    try:
-        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def open_segment_dir(path: Path) -> int:

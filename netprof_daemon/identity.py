@@ -35,9 +35,8 @@ from typing import TYPE_CHECKING
 from netprof_core import SegmentError
 from netprof_core import _layout as L
 from netprof_core._recorder import core_module
-from netprof_core.segment import SegmentHeader, parse_header
+from netprof_core.segment import SegmentHeader, parse_header, user_name
 
-from .directory import user_name
 from .log import store_logger
 
 if TYPE_CHECKING:
