@@ -113,7 +113,7 @@ def _demo_leftovers() -> set[Path]:
 @pytest.mark.any_core  # (the demo runs the accelerated core; CI runs it once more as the README does)
 def test_the_demo_shows_an_alert_fire_and_resolve_and_leaves_nothing_behind() -> None:
     before = _demo_leftovers()
-    done = netprof("demo", "--duration", "24", "--concurrency", "6", key=None, timeout=120)
+    done = netprof("demo", "--duration", "36", "--concurrency", "6", key=None, timeout=150)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     for phase in ("normal", "slow", "failing", "overload", "recovery"):

@@ -11,6 +11,14 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
+
+@pytest.fixture(autouse=True)
+def _a_users_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's pytest runs on its own: not as a worker of this suite's
+    pytest-xdist run (pytest-benchmark would switch itself off)."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
 # Short runs: a few rounds are enough to see the fixture work.
 FAST = ("-p", "no:cacheprovider", "--benchmark-min-rounds=10", "--benchmark-max-time=0.005")
 

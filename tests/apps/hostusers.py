@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,14 @@ def user_env(implementation: str = "cython") -> dict[str, str]:
 
 
 def _run(argv: Sequence[str]) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
+    """Run a user or group tool; again while another holds /etc/passwd's lock
+    (the suite's workers may make users at the same time)."""
+    for _ in range(50):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode == 0 or "lock" not in done.stderr:
+            break
+        time.sleep(0.1)
+    done.check_returncode()
 
 
 def _make_user(name: str, group: str) -> User:
