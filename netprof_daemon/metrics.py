@@ -217,7 +217,6 @@ class Exposition:
         # One thread of its own: one malloc arena (each thread that allocates
         # gets its own, and keeps its high-water mark), one render at a time.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="netprofd-metrics")
-        self.renders = 0
 
     async def gzipped(self) -> bytes:
         daemon = self.daemon
@@ -240,7 +239,6 @@ class Exposition:
             # (the apps in a list the render empties: nothing here keeps them while it formats)
             body = await loop.run_in_executor(self._thread, render_gzipped, [self.daemon.apps], others)
             self._kept = (key, body)
-            self.renders += 1
             return body
         finally:
             self._rendering = None

@@ -215,7 +215,6 @@ class Listener:
         self.refused = 0  # beyond the cap, every connection busy
         self.evicted = 0  # idle ones closed at the cap to make room
         self.malformed = 0  # requests aiohttp's parser refused
-        self.internal_errors = 0
         # Open connections, the one idle longest first (moved last after each answer).
         self._open: dict[_Connection, None] = {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -312,7 +311,6 @@ class Listener:
         self, request: web.BaseRequest, status: int, exc: BaseException | None, message: str | None
     ) -> web.Response:
         if status >= 500:
-            self.internal_errors += 1
             self._error_log("%s %s failed", request.method, request.path, exc_info=exc)
             if status == 504:
                 return _json_answer(status, "the request took too long")

@@ -25,7 +25,7 @@ from .identity import WriterIdentity
 from .log import store_logger
 from .totals import CounterTotals, SumRefused, Totals
 
-__all__ = ("AppState", "ProcessEntry", "SegmentStore", "StoreLocked", "is_transient", "stored_records")
+__all__ = ("AppState", "ProcessEntry", "SegmentStore", "StoreLocked", "stored_records")
 
 RETIRED_FILE = "retired.json"
 # How long a tick waits for a writer caught inside an update to publish a

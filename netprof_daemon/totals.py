@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from netprof_core import Direction, Histogram, RouteKey, RouteStats, SegmentSnapshot
 from netprof_core._layout import HIST_BUCKETS, OVERFLOW_TEMPLATE, ROUTE_BLOCK_WORDS
 from netprof_core._recorder import core_module
-from netprof_core.histogram import saturating_add
+from netprof_core.histogram import U64_MAX, saturating_add
 from netprof_core.reader import Counters, RouteSums
 
 if TYPE_CHECKING:
@@ -21,7 +21,6 @@ else:
 
 __all__ = ("CounterTotals", "SumRefused", "Totals")
 
-U64_MAX = (1 << 64) - 1
 # The counters of one writer that only ever grow (consecutive_errors does
 # not: a success or a reset clears it; it is not summed).
 _GROWING = (

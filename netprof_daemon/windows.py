@@ -130,7 +130,7 @@ class WindowHistory:
         self._fine: deque[_Checkpoint] = deque()
         self._coarse: deque[_Checkpoint] = deque()
         self._routes: dict[str, _Routes] = {}
-        self._scratch = array("Q", bytes(8 * HIST_BUCKETS))
+        self._scratch = array("Q", _ZEROS)
         self._checkpoint_bytes = 0
         self._latest_bytes = 0
         self._last_ns = 0  # the latest tick's time
