@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ("PrintableFormatter", "format_duration", "printable")
+__all__ = ("PrintableFormatter", "format_duration", "printable", "shorten")
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -42,6 +42,12 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters and "...": what a client or a file
+    sent is quoted in a message, never echoed back whole."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_duration(ns: float) -> str:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import gzip_accepted
 
 from netprof_core import Direction, SegmentControl
+from netprof_core._display import shorten
 
 from . import actions
 from .export import ExportFilter, stream_export
@@ -75,27 +76,22 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:  # (its message may quote the client: kilobytes are not echoed back)
-        parameter = None if exc.parameter is None else _short(exc.parameter)
-        return _json_error(exc.status, _short(exc.message, 1000), parameter)
+        parameter = None if exc.parameter is None else shorten(exc.parameter)
+        return _json_error(exc.status, shorten(exc.message, 1000), parameter)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = {
-            404: f"no such path: {_short(request.path)}",
-            405: f"{request.method} is not allowed on {_short(request.path)}",
+            404: f"no such path: {shorten(request.path)}",
+            405: f"{request.method} is not allowed on {shorten(request.path)}",
             413: f"the body is larger than {MAX_BODY} bytes",
         }
         return _json_error(exc.status, message.get(exc.status, exc.reason))
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001  (a bug of ours: answer 500, keep serving)
-        _internal_errors("%s %s failed", request.method, _short(request.path), exc_info=exc)
+        _internal_errors("%s %s failed", request.method, shorten(request.path), exc_info=exc)
         return _json_error(500, "internal error in netprofd; see its log")
-
-
-def _short(text: str, limit: int = 200) -> str:
-    """``text`` for a message: a client's kilobytes are not echoed back."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 async def _flush_logs(app: web.Application) -> None:
@@ -147,7 +143,7 @@ async def read_json_body(request: web.Request) -> Any:
     except web.HTTPException:
         raise
     except Exception as exc:  # noqa: BLE001  (a body aiohttp could not read: bad chunking, a cut)
-        raise ApiError(400, f"the body cannot be read: {_short(str(exc))}", "body") from None
+        raise ApiError(400, f"the body cannot be read: {shorten(str(exc))}", "body") from None
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -155,7 +151,7 @@ async def read_json_body(request: web.Request) -> Any:
     except RecursionError:
         raise ApiError(400, "the body is JSON nested too deeply", "body") from None
     except ValueError as exc:
-        raise ApiError(400, f"the body is not valid JSON: {_short(str(exc))}", "body") from None
+        raise ApiError(400, f"the body is not valid JSON: {shorten(str(exc))}", "body") from None
 
 
 def _params(request: web.Request, allowed: tuple[str, ...]) -> Mapping[str, str]:

@@ -33,6 +33,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from netprof_core._display import shorten
+
 from .config import ListenAddress
 from .log import api_logger
 
@@ -106,8 +108,7 @@ class RateLimitedLog:
 
 
 def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
+    return shorten(" ".join(text.split()), MAX_DETAIL)
 
 
 def _describe(exc: BaseException | None, message: str | None) -> str:

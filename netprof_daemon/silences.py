@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from netprof_core._display import shorten
+
 from .alerts import MAX_COMMENT, MAX_CREATED_BY, MAX_MATCHERS, Matcher, SilenceError, check_text
 from .notification import finite_number
 from .rules import parse_duration
@@ -62,8 +64,7 @@ def _matchers(value: object) -> list[Matcher]:
 
 def _short(value: object) -> str:
     """``value`` for an error message: an attacker's megabyte is not echoed back."""
-    text = repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
+    return shorten(repr(value))
 
 
 def parse_silence(body: object, now: float) -> dict[str, Any]:
