@@ -68,6 +68,7 @@ class WriterIdentity:
         self._verified: dict[str, int] = {}  # segment path -> its owner, for segments verified live
         self._inodes: dict[tuple[int, int], str] = {}  # (device, inode) -> the path it was accepted as
         self._save_failed = False
+        self._unread = False  # the file could not be read: read it again before saving over it
         self._load()
 
     # -- the check, when a segment is found ------------------------------------------
@@ -257,18 +258,25 @@ class WriterIdentity:
     # -- the bindings, kept in the state directory ---------------------------------------
 
     def _load(self) -> None:
+        """Read the bindings saved, adding them to those in memory. A file that
+        cannot be read is not "none": it is read again before the next save,
+        which leaves it alone until then."""
         if self.path is None:
             return
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            self._unread = False
             return
         except OSError as exc:
-            store_logger.error("cannot read %s (%s): app names are bound afresh", self.path, exc)
+            if not self._unread:
+                store_logger.error("cannot read %s (%s): it is read again before it is saved", self.path, exc)
+            self._unread = True
             return
+        self._unread = False
         try:
-            apps = json.loads(text)["apps"]
-            self.bindings = {str(app): {int(uid) for uid in uids} for app, uids in apps.items()}
+            for app, uids in _parse_bindings(text).items():
+                self.bindings.setdefault(app, set()).update(uids)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             try:
@@ -282,11 +290,15 @@ class WriterIdentity:
     def _save(self) -> None:
         if self.path is None:
             return
+        if self._unread:
+            self._load()
+            if self._unread:
+                return  # kept in memory: the file that could not be read is not overwritten
         data = {"apps": {app: sorted(uids) for app, uids in sorted(self.bindings.items())}}
         partial = self.path.with_name(self.path.name + ".tmp")
         try:
             fd = os.open(
-                partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+                partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
             )  # netprofd's alone
             with open(fd, "w", encoding="utf-8") as out:
                 json.dump(data, out, indent=1)
@@ -303,6 +315,20 @@ class WriterIdentity:
         if self._save_failed:
             store_logger.info("saved %s again", self.path)
         self._save_failed = False
+
+
+def _parse_bindings(text: str) -> dict[str, set[int]]:
+    """``{"apps": {name: [uid, ...]}}``, strictly (the file is edited by hand):
+    ValueError or TypeError naming what is not a list of uids."""
+    apps = json.loads(text)["apps"]
+    if not isinstance(apps, dict):
+        raise TypeError(f'"apps" is {type(apps).__name__}, not an object')
+    parsed: dict[str, set[int]] = {}
+    for app, uids in apps.items():
+        if not isinstance(uids, list) or not all(type(uid) is int and uid >= 0 for uid in uids):
+            raise ValueError(f"app {app!r}: {uids!r} is not a list of uids")
+        parsed[app] = set(uids)
+    return parsed
 
 
 def _read_at(directory: int, name: str) -> bytes | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -30,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netprof_core import read_segment
 from netprof_core._layout import DAEMON_LOCK_NAME
+from netprof_daemon.identity import WriterIdentity
 from tests.apps.hostusers import Group, User, made_group, user_env
 from tests.apps.netprofd import Netprofd, daemon_env, netprofd, netprofd_argv, write_daemon_config
 from tests.apps.servers import ROOT, free_port
@@ -647,3 +649,48 @@ def test_apps_leave_ended_segments_alone_when_they_cannot_tell(
     else:
         assert said["running"] is False
         assert len(said["removed"]) == 1 and not said["exists"]
+
+
+# == the bindings file, read back ===================================================================
+
+
+@pytest.mark.parametrize(
+    "apps",
+    [
+        {"shop": "1000"},  # a string: once read as the uids 1 and 0
+        {"shop": [True]},
+        {"shop": [1000.0]},
+        {"shop": [-1]},
+        {"shop": 1000},
+    ],
+    ids=["string", "bool", "float", "negative", "number"],
+)
+def test_a_bindings_file_with_uids_that_are_not_uids_is_set_aside(tmp_path: Path, apps: object) -> None:
+    """app_writers.json is edited by hand (the docs say so): a value that is not
+    a list of uids binds nobody, and the file is kept aside, never half-read."""
+    bindings = tmp_path / "app_writers.json"
+    bindings.write_text(json.dumps({"apps": apps}), encoding="utf-8")
+    identity = WriterIdentity(tmp_path)
+    assert identity.bindings == {}
+    assert not bindings.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("app_writers.json.corrupt-")]
+
+
+def test_a_bindings_file_that_cannot_be_read_is_never_overwritten(tmp_path: Path) -> None:
+    """A read that fails (here EMFILE, as under the issue's idle-connection
+    flood) is not "no bindings": netprofd reads the file again before it next
+    saves, and a file it still cannot read is left as it was."""
+    bindings = tmp_path / "app_writers.json"
+    bindings.write_text(json.dumps({"apps": {"shop": [1000]}}), encoding="utf-8")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # the next open: EMFILE
+    try:
+        identity = WriterIdentity(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    identity.bindings.setdefault("cart", set()).add(1001)
+    identity._save()
+    assert json.loads(bindings.read_text(encoding="utf-8"))["apps"] == {"cart": [1001], "shop": [1000]}
+    assert identity.bindings == {"cart": {1001}, "shop": {1000}}
